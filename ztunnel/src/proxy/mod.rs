@@ -1,0 +1,191 @@
+//! The data path: the three listeners ztunnel opens inside each pod.
+//!
+//! - [`outbound`] (15001): the pod's own outgoing TCP, redirected by the
+//!   in-pod rules; resolved against the mesh state and sent over HBONE to the
+//!   destination pod, or passed through when the destination is not in the mesh.
+//! - [`inbound`] (15008): HBONE from other ztunnels; mutual TLS as the pod's
+//!   identity, then a plain connection to the application.
+//! - [`passthrough`] (15006): plaintext arriving from outside the mesh.
+//!
+//! Each accepted connection runs in its own task with one tracing span.
+
+pub mod inbound;
+pub mod outbound;
+pub mod passthrough;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::certs::CertificateManager;
+use mesh_core::drain;
+use mesh_core::hbone;
+use mesh_core::identity::Identity;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::state::ProxyState;
+use crate::sys::Netns;
+
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+pub const HBONE_PORT: u16 = 15008;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("certificate for {identity}: {source}")]
+    Certificate {
+        identity: String,
+        #[source]
+        source: mesh_core::certs::CertError,
+    },
+    #[error("tls: {0}")]
+    Tls(#[from] mesh_core::tls::TlsError),
+    #[error("hbone: {0}")]
+    Hbone(#[from] hbone::HboneError),
+    #[error("no healthy endpoint for {service}:{port}")]
+    NoHealthyEndpoint { service: String, port: u16 },
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The pool key: one HBONE connection serves one source identity talking to
+/// one destination (with the same expected identities) from one source IP.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src_identity: Identity,
+    pub dst_identities: Vec<Identity>,
+    pub src_ip: IpAddr,
+    pub dst: SocketAddr,
+}
+
+/// What every connection handler needs; shared by all pods of the node.
+pub struct ProxyInputs {
+    pub cfg: Arc<Config>,
+    pub state: ProxyState,
+    pub certs: CertificateManager,
+    pub pool: hbone::client::Pool<PoolKey>,
+    pub metrics: Arc<Metrics>,
+    pub hbone_server: hbone::server::ServerConfig,
+}
+
+/// One enrolled pod, as the data path sees it.
+#[derive(Debug)]
+pub struct Pod {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub identity: Identity,
+    pub netns: Netns,
+}
+
+impl Pod {
+    /// The network the pod's addresses belong to.
+    pub fn network(&self, pi: &ProxyInputs) -> String {
+        pi.state
+            .workload_by_uid(&self.uid)
+            .map(|w| w.network.clone())
+            .unwrap_or_else(|| pi.cfg.network.clone())
+    }
+}
+
+/// The pod's three listeners, bound inside its network namespace.
+pub struct PodListeners {
+    outbound: tokio::net::TcpListener,
+    plaintext: tokio::net::TcpListener,
+    hbone: tokio::net::TcpListener,
+}
+
+/// Bind the pod's listeners. Done before the pod is acknowledged to the node
+/// agent, so an acknowledged pod is always captured.
+pub fn bind_pod(pod: &Pod) -> Result<PodListeners, std::io::Error> {
+    let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+    Ok(PodListeners {
+        outbound: pod.netns.listener(any(OUTBOUND_PORT), false)?,
+        plaintext: pod.netns.listener(any(INBOUND_PLAINTEXT_PORT), true)?,
+        hbone: pod.netns.listener(any(HBONE_PORT), true)?,
+    })
+}
+
+/// Serve the pod's listeners until `stop` (pod removed) or the drain.
+pub async fn serve_pod(
+    pi: Arc<ProxyInputs>,
+    pod: Arc<Pod>,
+    l: PodListeners,
+    stop: tokio_util::sync::CancellationToken,
+    drain: drain::Watch,
+) {
+    tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), uid = %pod.uid, "listening in pod network namespace");
+    let tasks = [
+        tokio::spawn(accept_loop(l.outbound, pi.clone(), pod.clone(), stop.clone(), drain.clone(), Kind::Outbound)),
+        tokio::spawn(accept_loop(l.plaintext, pi.clone(), pod.clone(), stop.clone(), drain.clone(), Kind::Plaintext)),
+        tokio::spawn(accept_loop(l.hbone, pi, pod, stop, drain, Kind::Hbone)),
+    ];
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Outbound,
+    Plaintext,
+    Hbone,
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    pi: Arc<ProxyInputs>,
+    pod: Arc<Pod>,
+    stop: tokio_util::sync::CancellationToken,
+    drain: drain::Watch,
+    kind: Kind,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.cancelled() => return,
+            _ = drain.signaled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, ?kind, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (pi, pod, stop, conn_drain) = (pi.clone(), pod.clone(), stop.clone(), drain.clone());
+        tokio::spawn(async move {
+            let run = async {
+                match kind {
+                    Kind::Outbound => outbound::handle(&pi, &pod, stream, peer).await,
+                    Kind::Plaintext => passthrough::handle(&pi, &pod, stream, peer).await,
+                    Kind::Hbone => inbound::handle(&pi, &pod, stream, peer, &conn_drain).await,
+                }
+            };
+            tokio::select! {
+                _ = run => {}
+                // The pod went away: its connections go with it.
+                _ = stop.cancelled() => {}
+            }
+            drop(conn_drain);
+        });
+    }
+}
+
+/// Close a client connection with a TCP reset, as Istio does on a denial or
+/// a failed upstream, so the client sees "connection reset" rather than a
+/// clean end of stream.
+pub fn reset(stream: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}

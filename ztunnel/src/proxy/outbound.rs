@@ -1,0 +1,180 @@
+//! Outbound (15001): a pod's own outgoing connection, redirected in-pod.
+//!
+//! The original destination is resolved against the mesh state: a service
+//! VIP picks a healthy endpoint (round robin), a pod IP is that pod. A mesh
+//! (HBONE) destination is reached over HBONE at its 15008 with its identity
+//! expected — never in plaintext; a destination outside the mesh is passed
+//! through as it was addressed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh_core::hbone::client::ConnectRequest;
+use mesh_core::hbone::headers;
+use mesh_core::tls;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::{reset, Pod, PoolKey, ProxyError, ProxyInputs, HBONE_PORT};
+use crate::metrics::{ConnectionRecorder, Reporter, SecurityPolicy, TcpLabels};
+use crate::state::{Protocol, Resolution, Upstream};
+
+pub async fn handle(pi: &Arc<ProxyInputs>, pod: &Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
+    let dst = match crate::sys::original_dst(&stream) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, %peer, "outbound connection without an original destination");
+            return reset(stream);
+        }
+    };
+    let span = tracing::info_span!("outbound", src.addr = %peer, dst.addr = %dst, src.workload = %pod.name);
+    async move {
+        let network = pod.network(pi);
+        match pi.state.resolve(&network, dst) {
+            Resolution::Upstream(up) if up.workload.protocol == Protocol::Hbone => {
+                if let Err(e) = hbone_upstream(pi, pod, stream, peer, dst, up).await {
+                    tracing::warn!(error = %e, "outbound connection failed");
+                }
+            }
+            Resolution::Upstream(up) => {
+                let labels = labels(pi, pod, Some(&up), SecurityPolicy::none);
+                plain(pi, pod, stream, up.addr, labels).await
+            }
+            Resolution::NoHealthyEndpoint { service, port } => {
+                let e = ProxyError::NoHealthyEndpoint { service, port };
+                tracing::warn!(error = %e, "access denied: resetting connection");
+                reset(stream)
+            }
+            Resolution::Passthrough => {
+                let labels = labels(pi, pod, None, SecurityPolicy::none);
+                plain(pi, pod, stream, dst, labels).await
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn labels(pi: &ProxyInputs, pod: &Pod, up: Option<&Upstream>, sec: SecurityPolicy) -> TcpLabels {
+    let src = pi.state.workload_by_uid(&pod.uid);
+    TcpLabels::new(
+        Reporter::source,
+        src.as_deref(),
+        Some(pod.identity.to_string()),
+        up.map(|u| u.workload.as_ref()),
+        up.and_then(|u| u.service.as_deref()),
+        sec,
+    )
+}
+
+/// Plain TCP to a destination outside the mesh (or a mesh workload that
+/// does not speak HBONE).
+async fn plain(pi: &ProxyInputs, pod: &Pod, mut stream: TcpStream, dst: SocketAddr, labels: TcpLabels) {
+    let mut upstream = match pod.netns.connect(dst, None).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::info!(error = %e, "passthrough connect failed");
+            return reset(stream);
+        }
+    };
+    let rec = ConnectionRecorder::start(pi.metrics.clone(), labels);
+    tracing::debug!("passthrough");
+    match mesh_core::copy::copy_bidirectional(&mut stream, &mut upstream).await {
+        Ok((up, down)) => {
+            rec.received(up);
+            rec.sent(down);
+            tracing::info!(bytes_sent = up, bytes_recv = down, "connection complete (passthrough)");
+        }
+        Err(e) => tracing::debug!(error = %e, "passthrough copy ended with error"),
+    }
+}
+
+async fn hbone_upstream(
+    pi: &Arc<ProxyInputs>,
+    pod: &Arc<Pod>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    up: Upstream,
+) -> Result<(), ProxyError> {
+    let cert = match pi.certs.get(&pod.identity).await {
+        Ok(c) => c,
+        Err(source) => {
+            reset(stream);
+            return Err(ProxyError::Certificate {
+                identity: pod.identity.to_string(),
+                source,
+            });
+        }
+    };
+    let expected = up.expected_identities();
+    let mut dst_identities = expected.clone();
+    dst_identities.sort();
+    let hbone_addr = SocketAddr::new(up.addr.ip(), HBONE_PORT);
+    let key = PoolKey {
+        src_identity: pod.identity.clone(),
+        dst_identities,
+        src_ip: peer.ip(),
+        dst: hbone_addr,
+    };
+    let netns = pod.netns.clone();
+    let dial = move || async move {
+        let tcp = netns
+            .connect(hbone_addr, None)
+            .await
+            .map_err(mesh_core::hbone::HboneError::Io)?;
+        let cfg = tls::client_config(&cert, &expected).map_err(|e| mesh_core::hbone::HboneError::Io(std::io::Error::other(e)))?;
+        let server_name = rustls::pki_types::ServerName::IpAddress(hbone_addr.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(server_name, tcp)
+            .await
+            .map_err(mesh_core::hbone::HboneError::Io)?;
+        Ok::<_, mesh_core::hbone::HboneError>(tls)
+    };
+    let mut hdrs = http::HeaderMap::new();
+    let host = up.service.as_ref().map(|s| s.hostname.as_str());
+    headers::insert_forwarded(&mut hdrs, peer, host);
+    headers::insert_traceparent(&mut hdrs);
+    if let Some(src) = pi.state.workload_by_uid(&pod.uid) {
+        headers::insert_baggage(
+            &mut hdrs,
+            &headers::Baggage {
+                cluster: src.cluster_id.clone(),
+                namespace: src.namespace.clone(),
+                workload_type: src.workload_type.to_string(),
+                workload_name: if src.workload_name.is_empty() { src.name.clone() } else { src.workload_name.clone() },
+                service: src.canonical_name.clone(),
+                version: src.canonical_revision.clone(),
+            },
+        );
+    }
+    let req = ConnectRequest::new(up.addr.to_string(), hdrs);
+    let mut labels = labels(pi, pod, Some(&up), SecurityPolicy::mutual_tls);
+    let mut tunnel = match pi.pool.connect(&key, dial, req).await {
+        Ok(t) => t,
+        Err(e) => {
+            labels.response_flags = "CONNECT".into();
+            drop(ConnectionRecorder::start(pi.metrics.clone(), labels));
+            reset(stream);
+            return Err(e.into());
+        }
+    };
+    let rec = ConnectionRecorder::start(pi.metrics.clone(), labels);
+    tracing::debug!(upstream = %up.addr, dst.workload = %up.workload.name, original = %dst, "hbone tunnel established");
+    match mesh_core::copy::copy_bidirectional(&mut stream, &mut tunnel).await {
+        Ok((sent, recv)) => {
+            rec.received(sent);
+            rec.sent(recv);
+            tracing::info!(
+                dst.workload = %up.workload.name,
+                dst.identity = %up.workload.identity(),
+                dst.hbone_addr = %hbone_addr,
+                bytes_sent = sent,
+                bytes_recv = recv,
+                "connection complete"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}

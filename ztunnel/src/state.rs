@@ -1,0 +1,648 @@
+//! What ztunnel knows about the mesh: workloads, services and policies.
+//!
+//! Every connection consults this before it is forwarded: the outbound side
+//! resolves its original destination (a service VIP or a pod IP) to a
+//! workload and the identity it must present; the inbound side finds the
+//! workload it serves. The state is fed Workload API resources (from the local
+//! file today, from xDS later); each resource is validated on the way in, and
+//! a bad one is rejected with its name and the field at fault while the rest
+//! keeps serving.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use mesh_core::identity::Identity;
+use mesh_core::proto::security::Authorization;
+use mesh_core::proto::workload as pb;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{kind} {name}: field {field}: {reason}")]
+    Invalid {
+        kind: &'static str,
+        name: String,
+        field: String,
+        reason: String,
+    },
+}
+
+fn invalid(kind: &'static str, name: &str, field: impl Into<String>, reason: impl Into<String>) -> StateError {
+    StateError::Invalid {
+        kind,
+        name: name.to_string(),
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "HBONE")]
+    Hbone,
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum HealthStatus {
+    Healthy,
+    Unhealthy,
+}
+
+/// Where a waypoint or network gateway is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayAddress {
+    pub destination: String,
+    pub hbone_mtls_port: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub trust_domain: String,
+    pub node: String,
+    pub network: String,
+    pub ips: Vec<IpAddr>,
+    pub hostname: String,
+    pub protocol: Protocol,
+    pub status: HealthStatus,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+    pub workload_name: String,
+    pub workload_type: &'static str,
+    pub cluster_id: String,
+    pub waypoint: Option<GatewayAddress>,
+    pub network_gateway: Option<GatewayAddress>,
+    /// `ns/hostname` -> service port -> target port on this workload.
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    pub authorization_policies: Vec<String>,
+}
+
+impl Workload {
+    pub fn identity(&self) -> Identity {
+        Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<(String, IpAddr)>,
+    /// service port -> target port (0: same as the workload's mapping or the service port).
+    pub ports: BTreeMap<u16, u16>,
+    pub subject_alt_names: Vec<String>,
+    pub waypoint: Option<GatewayAddress>,
+}
+
+impl Service {
+    /// The key Workload API uses for a service: `<namespace>/<hostname>`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// An upstream chosen for a connection.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub workload: Arc<Workload>,
+    /// Where the application listens on that workload.
+    pub addr: SocketAddr,
+    /// The service the client addressed, if it addressed one.
+    pub service: Option<Arc<Service>>,
+}
+
+impl Upstream {
+    /// Identities the destination may present: its own, plus the service's
+    /// declared `subject_alt_names` when it was reached through a service.
+    pub fn expected_identities(&self) -> Vec<Identity> {
+        let mut ids = vec![self.workload.identity()];
+        if let Some(svc) = &self.service {
+            for san in &svc.subject_alt_names {
+                match san.parse::<Identity>() {
+                    Ok(id) if !ids.contains(&id) => ids.push(id),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(service = %svc.hostname, san, error = %e, "ignoring non-SPIFFE subject alt name"),
+                }
+            }
+        }
+        ids
+    }
+}
+
+/// The outcome of looking up an original destination.
+#[derive(Debug)]
+pub enum Resolution {
+    /// A mesh (or known) workload, possibly picked behind a service VIP.
+    Upstream(Upstream),
+    /// A service VIP with no healthy endpoint on that port.
+    NoHealthyEndpoint { service: String, port: u16 },
+    /// Not a mesh address: pass it through unchanged.
+    Passthrough,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    workloads: HashMap<String, Arc<Workload>>,
+    by_ip: HashMap<(String, IpAddr), String>,
+    services: HashMap<String, Arc<Service>>,
+    by_vip: HashMap<(String, IpAddr), String>,
+    policies: BTreeMap<String, Authorization>,
+}
+
+/// Shared, concurrently readable view of the mesh.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyState {
+    inner: Arc<RwLock<Inner>>,
+    rr: Arc<AtomicUsize>,
+}
+
+/// A validated set of resources, ready to replace the state in one step.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub policies: Vec<Authorization>,
+}
+
+impl Snapshot {
+    /// Validate every resource. Invalid ones are returned as errors and left
+    /// out; the caller decides whether a partial snapshot is acceptable.
+    pub fn from_resources(
+        addresses: &[pb::Address],
+        authorizations: &[Authorization],
+    ) -> (Snapshot, Vec<StateError>) {
+        let mut snap = Snapshot::default();
+        let mut errors = Vec::new();
+        for (i, addr) in addresses.iter().enumerate() {
+            match &addr.r#type {
+                Some(pb::address::Type::Workload(w)) => match convert_workload(w) {
+                    Ok(w) => snap.workloads.push(w),
+                    Err(e) => errors.push(e),
+                },
+                Some(pb::address::Type::Service(s)) => match convert_service(s) {
+                    Ok(s) => snap.services.push(s),
+                    Err(e) => errors.push(e),
+                },
+                None => errors.push(invalid("address", &format!("addresses[{i}]"), "type", "neither workload nor service")),
+            }
+        }
+        for a in authorizations {
+            if a.name.is_empty() {
+                errors.push(invalid("authorization", &format!("{}/", a.namespace), "name", "empty"));
+            } else {
+                snap.policies.push(a.clone());
+            }
+        }
+        (snap, errors)
+    }
+}
+
+fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
+        16 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(b);
+            Some(IpAddr::V6(Ipv6Addr::from(a)))
+        }
+        _ => None,
+    }
+}
+
+fn port(kind: &'static str, name: &str, field: String, v: u32) -> Result<u16, StateError> {
+    u16::try_from(v).map_err(|_| invalid(kind, name, field, format!("{v} is not a port")))
+}
+
+fn gateway(kind: &'static str, name: &str, field: &str, g: &Option<pb::GatewayAddress>) -> Result<Option<GatewayAddress>, StateError> {
+    let Some(g) = g else { return Ok(None) };
+    let destination = match &g.destination {
+        Some(pb::gateway_address::Destination::Hostname(h)) => format!("{}/{}", h.namespace, h.hostname),
+        Some(pb::gateway_address::Destination::Address(a)) => {
+            let ip = ip_from_bytes(&a.address)
+                .ok_or_else(|| invalid(kind, name, format!("{field}.address.address"), "not an IPv4 or IPv6 address"))?;
+            format!("{}/{}", a.network, ip)
+        }
+        None => return Err(invalid(kind, name, field, "no destination")),
+    };
+    Ok(Some(GatewayAddress {
+        destination,
+        hbone_mtls_port: g.hbone_mtls_port,
+    }))
+}
+
+pub fn convert_workload(w: &pb::Workload) -> Result<Workload, StateError> {
+    const K: &str = "workload";
+    let name = if w.uid.is_empty() { format!("{}/{}", w.namespace, w.name) } else { w.uid.clone() };
+    if w.uid.is_empty() {
+        return Err(invalid(K, &name, "uid", "empty"));
+    }
+    let mut ips = Vec::new();
+    for (i, a) in w.addresses.iter().enumerate() {
+        ips.push(ip_from_bytes(a).ok_or_else(|| invalid(K, &name, format!("addresses[{i}]"), format!("{} bytes is not an IPv4 or IPv6 address", a.len())))?);
+    }
+    let protocol = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
+        Ok(pb::TunnelProtocol::Hbone) => Protocol::Hbone,
+        Ok(pb::TunnelProtocol::None) => Protocol::Tcp,
+        Ok(other) => return Err(invalid(K, &name, "tunnelProtocol", format!("{other:?} is not supported"))),
+        Err(_) => return Err(invalid(K, &name, "tunnelProtocol", format!("unknown value {}", w.tunnel_protocol))),
+    };
+    let status = match pb::WorkloadStatus::try_from(w.status) {
+        Ok(pb::WorkloadStatus::Healthy) => HealthStatus::Healthy,
+        Ok(pb::WorkloadStatus::Unhealthy) => HealthStatus::Unhealthy,
+        Err(_) => return Err(invalid(K, &name, "status", format!("unknown value {}", w.status))),
+    };
+    let workload_type = match pb::WorkloadType::try_from(w.workload_type) {
+        Ok(pb::WorkloadType::Deployment) => "deployment",
+        Ok(pb::WorkloadType::Cronjob) => "cronjob",
+        Ok(pb::WorkloadType::Pod) => "pod",
+        Ok(pb::WorkloadType::Job) => "job",
+        Err(_) => return Err(invalid(K, &name, "workloadType", format!("unknown value {}", w.workload_type))),
+    };
+    if protocol == Protocol::Hbone && (w.namespace.is_empty() || w.service_account.is_empty()) {
+        return Err(invalid(K, &name, "serviceAccount", "an HBONE workload needs a namespace and service account for its identity"));
+    }
+    let mut services = BTreeMap::new();
+    for (key, list) in &w.services {
+        if !key.contains('/') {
+            return Err(invalid(K, &name, format!("services[{key}]"), "key must be <namespace>/<hostname>"));
+        }
+        let mut ports = BTreeMap::new();
+        for (i, p) in list.ports.iter().enumerate() {
+            let sp = port(K, &name, format!("services[{key}].ports[{i}].servicePort"), p.service_port)?;
+            let tp = port(K, &name, format!("services[{key}].ports[{i}].targetPort"), p.target_port)?;
+            ports.insert(sp, tp);
+        }
+        services.insert(key.clone(), ports);
+    }
+    Ok(Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: if w.service_account.is_empty() { "default".into() } else { w.service_account.clone() },
+        trust_domain: if w.trust_domain.is_empty() { "cluster.local".into() } else { w.trust_domain.clone() },
+        node: w.node.clone(),
+        network: w.network.clone(),
+        ips,
+        hostname: w.hostname.clone(),
+        protocol,
+        status,
+        canonical_name: w.canonical_name.clone(),
+        canonical_revision: w.canonical_revision.clone(),
+        workload_name: w.workload_name.clone(),
+        workload_type,
+        cluster_id: w.cluster_id.clone(),
+        waypoint: gateway(K, &name, "waypoint", &w.waypoint)?,
+        network_gateway: gateway(K, &name, "networkGateway", &w.network_gateway)?,
+        services,
+        authorization_policies: w.authorization_policies.clone(),
+    })
+}
+
+pub fn convert_service(s: &pb::Service) -> Result<Service, StateError> {
+    const K: &str = "service";
+    let name = format!("{}/{}", s.namespace, s.hostname);
+    if s.hostname.is_empty() {
+        return Err(invalid(K, &name, "hostname", "empty"));
+    }
+    let mut vips = Vec::new();
+    for (i, a) in s.addresses.iter().enumerate() {
+        let ip = ip_from_bytes(&a.address).ok_or_else(|| invalid(K, &name, format!("addresses[{i}].address"), "not an IPv4 or IPv6 address"))?;
+        vips.push((a.network.clone(), ip));
+    }
+    let mut ports = BTreeMap::new();
+    for (i, p) in s.ports.iter().enumerate() {
+        let sp = port(K, &name, format!("ports[{i}].servicePort"), p.service_port)?;
+        if sp == 0 {
+            return Err(invalid(K, &name, format!("ports[{i}].servicePort"), "must not be 0"));
+        }
+        let tp = port(K, &name, format!("ports[{i}].targetPort"), p.target_port)?;
+        ports.insert(sp, tp);
+    }
+    Ok(Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: s.hostname.clone(),
+        vips,
+        ports,
+        subject_alt_names: s.subject_alt_names.clone(),
+        waypoint: gateway(K, &name, "waypoint", &s.waypoint)?,
+    })
+}
+
+impl ProxyState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replace everything with `snap` in one step.
+    pub fn replace(&self, snap: Snapshot) {
+        let mut next = Inner::default();
+        for w in snap.workloads {
+            for ip in &w.ips {
+                next.by_ip.insert((w.network.clone(), *ip), w.uid.clone());
+            }
+            next.workloads.insert(w.uid.clone(), Arc::new(w));
+        }
+        for s in snap.services {
+            for (net, ip) in &s.vips {
+                next.by_vip.insert((net.clone(), *ip), s.key());
+            }
+            next.services.insert(s.key(), Arc::new(s));
+        }
+        for p in snap.policies {
+            next.policies.insert(format!("{}/{}", p.namespace, p.name), p);
+        }
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
+    pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {
+        self.read().workloads.get(uid).cloned()
+    }
+
+    pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
+        let inner = self.read();
+        inner
+            .by_ip
+            .get(&(network.to_string(), ip))
+            .and_then(|uid| inner.workloads.get(uid).cloned())
+    }
+
+    /// Workloads that back a service key, in a stable order.
+    fn endpoints(inner: &Inner, key: &str) -> Vec<Arc<Workload>> {
+        let mut eps: Vec<Arc<Workload>> = inner
+            .workloads
+            .values()
+            .filter(|w| w.services.contains_key(key))
+            .cloned()
+            .collect();
+        eps.sort_by(|a, b| a.uid.cmp(&b.uid));
+        eps
+    }
+
+    /// Resolve an original destination as seen from `network`.
+    pub fn resolve(&self, network: &str, dst: SocketAddr) -> Resolution {
+        let inner = self.read();
+        if let Some(key) = inner.by_vip.get(&(network.to_string(), dst.ip())) {
+            let Some(svc) = inner.services.get(key).cloned() else {
+                return Resolution::Passthrough;
+            };
+            let Some(&svc_target) = svc.ports.get(&dst.port()) else {
+                return Resolution::NoHealthyEndpoint { service: svc.hostname.clone(), port: dst.port() };
+            };
+            let healthy: Vec<Arc<Workload>> = Self::endpoints(&inner, key)
+                .into_iter()
+                .filter(|w| w.status == HealthStatus::Healthy && !w.ips.is_empty())
+                .collect();
+            if healthy.is_empty() {
+                return Resolution::NoHealthyEndpoint { service: svc.hostname.clone(), port: dst.port() };
+            }
+            let pick = self.rr.fetch_add(1, Ordering::Relaxed) % healthy.len();
+            let wl = healthy[pick].clone();
+            let target = match wl.services.get(key).and_then(|p| p.get(&dst.port())).copied() {
+                Some(t) if t != 0 => t,
+                _ if svc_target != 0 => svc_target,
+                _ => dst.port(),
+            };
+            let ip = wl.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).or(wl.ips.first()).copied();
+            let Some(ip) = ip else {
+                return Resolution::NoHealthyEndpoint { service: svc.hostname.clone(), port: dst.port() };
+            };
+            return Resolution::Upstream(Upstream { workload: wl, addr: SocketAddr::new(ip, target), service: Some(svc) });
+        }
+        if let Some(uid) = inner.by_ip.get(&(network.to_string(), dst.ip())) {
+            if let Some(wl) = inner.workloads.get(uid) {
+                return Resolution::Upstream(Upstream { workload: wl.clone(), addr: dst, service: None });
+            }
+        }
+        Resolution::Passthrough
+    }
+
+    /// The services a workload is an endpoint of.
+    pub fn services_of(&self, w: &Workload) -> Vec<Arc<Service>> {
+        let inner = self.read();
+        w.services.keys().filter_map(|k| inner.services.get(k).cloned()).collect()
+    }
+
+    /// The JSON the admin endpoint serves (`/config_dump`), in the shape
+    /// `istioctl ztunnel-config` reads.
+    pub fn dump(&self) -> (Vec<serde_json::Value>, Vec<serde_json::Value>, Vec<serde_json::Value>) {
+        let inner = self.read();
+        let mut workloads: Vec<&Arc<Workload>> = inner.workloads.values().collect();
+        workloads.sort_by(|a, b| (&a.namespace, &a.name, &a.uid).cmp(&(&b.namespace, &b.name, &b.uid)));
+        let workloads = workloads
+            .into_iter()
+            .map(|w| {
+                serde_json::json!({
+                    "uid": w.uid,
+                    "name": w.name,
+                    "namespace": w.namespace,
+                    "serviceAccount": w.service_account,
+                    "workloadIps": w.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                    "protocol": w.protocol,
+                    "node": w.node,
+                    "status": w.status,
+                    "waypoint": w.waypoint,
+                    "networkGateway": w.network_gateway,
+                    "trustDomain": w.trust_domain,
+                    "clusterId": w.cluster_id,
+                    "network": w.network,
+                    "canonicalName": w.canonical_name,
+                    "canonicalRevision": w.canonical_revision,
+                    "workloadName": w.workload_name,
+                    "workloadType": w.workload_type,
+                    "services": w.services.keys().collect::<Vec<_>>(),
+                    "authorizationPolicies": w.authorization_policies,
+                })
+            })
+            .collect();
+        let mut services: Vec<&Arc<Service>> = inner.services.values().collect();
+        services.sort_by_key(|s| s.key());
+        let services = services
+            .into_iter()
+            .map(|s| {
+                let key = s.key();
+                let mut endpoints = serde_json::Map::new();
+                for w in Self::endpoints(&inner, &key) {
+                    let port: BTreeMap<String, u16> = s
+                        .ports
+                        .iter()
+                        .map(|(sp, tp)| {
+                            let t = w.services.get(&key).and_then(|m| m.get(sp)).copied().filter(|t| *t != 0).unwrap_or(if *tp != 0 { *tp } else { *sp });
+                            (sp.to_string(), t)
+                        })
+                        .collect();
+                    endpoints.insert(
+                        w.uid.clone(),
+                        serde_json::json!({"workloadUid": w.uid, "service": "", "port": port, "status": w.status}),
+                    );
+                }
+                serde_json::json!({
+                    "name": s.name,
+                    "namespace": s.namespace,
+                    "hostname": s.hostname,
+                    "vips": s.vips.iter().map(|(n, ip)| format!("{n}/{ip}")).collect::<Vec<_>>(),
+                    "ports": s.ports.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
+                    "endpoints": endpoints,
+                    "subjectAltNames": s.subject_alt_names,
+                    "waypoint": s.waypoint,
+                })
+            })
+            .collect();
+        let policies = inner
+            .policies
+            .values()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "namespace": p.namespace,
+                    "scope": mesh_core::proto::security::Scope::try_from(p.scope).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+                    "action": mesh_core::proto::security::Action::try_from(p.action).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+                    "rules": serde_json::to_value(&p.rules).unwrap_or_default(),
+                    "dryRun": p.dry_run,
+                })
+            })
+            .collect();
+        (workloads, services, policies)
+    }
+
+    /// Counts for logs and readiness.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let inner = self.read();
+        (inner.workloads.len(), inner.services.len(), inner.policies.len())
+    }
+
+    /// Uids known to the state.
+    pub fn uids(&self) -> HashSet<String> {
+        self.read().workloads.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wl(uid: &str, ip: [u8; 4], svc: Option<(&str, u32, u32)>, healthy: bool) -> pb::Address {
+        let mut services = HashMap::new();
+        if let Some((key, sp, tp)) = svc {
+            services.insert(key.to_string(), pb::PortList { ports: vec![pb::Port { service_port: sp, target_port: tp, ..Default::default() }] });
+        }
+        pb::Address {
+            r#type: Some(pb::address::Type::Workload(pb::Workload {
+                uid: uid.into(),
+                name: uid.into(),
+                namespace: "default".into(),
+                service_account: "sa".into(),
+                trust_domain: "cluster.local".into(),
+                addresses: vec![ip.to_vec().into()],
+                tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+                status: if healthy { 0 } else { 1 },
+                services,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn svc(host: &str, vip: [u8; 4], port: u32, target: u32) -> pb::Address {
+        pb::Address {
+            r#type: Some(pb::address::Type::Service(pb::Service {
+                name: host.split('.').next().unwrap().into(),
+                namespace: "default".into(),
+                hostname: host.into(),
+                addresses: vec![pb::NetworkAddress { network: String::new(), address: vip.to_vec().into(), ..Default::default() }],
+                ports: vec![pb::Port { service_port: port, target_port: target, ..Default::default() }],
+                ..Default::default()
+            })),
+        }
+    }
+
+    const KEY: &str = "default/b.default.svc.cluster.local";
+
+    fn state(addrs: &[pb::Address]) -> ProxyState {
+        let (snap, errs) = Snapshot::from_resources(addrs, &[]);
+        assert!(errs.is_empty(), "{errs:?}");
+        let s = ProxyState::new();
+        s.replace(snap);
+        s
+    }
+
+    #[test]
+    fn vip_round_robins_over_healthy_endpoints_with_target_ports() {
+        let s = state(&[
+            svc("b.default.svc.cluster.local", [10, 96, 0, 10], 80, 8080),
+            wl("b1", [10, 244, 1, 2], Some((KEY, 80, 0)), true),
+            wl("b2", [10, 244, 2, 2], Some((KEY, 80, 9090)), true),
+            wl("b3", [10, 244, 2, 3], Some((KEY, 80, 8080)), false),
+        ]);
+        let mut seen = HashSet::new();
+        for _ in 0..4 {
+            match s.resolve("", "10.96.0.10:80".parse().unwrap()) {
+                Resolution::Upstream(u) => {
+                    assert!(u.service.is_some());
+                    seen.insert(u.addr.to_string());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // b1 uses the service's target port, b2 its own; b3 is unhealthy.
+        let want: HashSet<String> = ["10.244.1.2:8080", "10.244.2.2:9090"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn pod_ip_unknown_ip_and_empty_service() {
+        let s = state(&[
+            svc("b.default.svc.cluster.local", [10, 96, 0, 10], 80, 8080),
+            svc("c.default.svc.cluster.local", [10, 96, 0, 11], 80, 8080),
+            wl("b1", [10, 244, 1, 2], Some((KEY, 80, 0)), true),
+        ]);
+        assert!(matches!(s.resolve("", "10.244.1.2:1234".parse().unwrap()), Resolution::Upstream(u) if u.addr.port() == 1234 && u.service.is_none()));
+        assert!(matches!(s.resolve("", "192.0.2.1:80".parse().unwrap()), Resolution::Passthrough));
+        assert!(matches!(s.resolve("", "10.96.0.11:80".parse().unwrap()), Resolution::NoHealthyEndpoint { .. }));
+        assert!(matches!(s.resolve("", "10.96.0.10:81".parse().unwrap()), Resolution::NoHealthyEndpoint { .. }));
+        // Another network does not see these addresses.
+        assert!(matches!(s.resolve("net2", "10.244.1.2:80".parse().unwrap()), Resolution::Passthrough));
+    }
+
+    #[test]
+    fn invalid_resources_name_the_field_and_keep_the_rest() {
+        let mut bad = wl("bad", [10, 0, 0, 1], None, true);
+        if let Some(pb::address::Type::Workload(w)) = &mut bad.r#type {
+            w.addresses = vec![vec![1, 2, 3].into()];
+        }
+        let mut bad_port = svc("x.default.svc.cluster.local", [10, 96, 0, 1], 80, 70000);
+        if let Some(pb::address::Type::Service(s)) = &mut bad_port.r#type {
+            s.ports[0].target_port = 70000;
+        }
+        let good = wl("good", [10, 0, 0, 2], None, true);
+        let (snap, errs) = Snapshot::from_resources(&[bad, bad_port, good], &[]);
+        assert_eq!(snap.workloads.len(), 1);
+        let msgs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert_eq!(msgs[0], "workload bad: field addresses[0]: 3 bytes is not an IPv4 or IPv6 address");
+        assert!(msgs[1].starts_with("service default/x.default.svc.cluster.local: field ports[0].targetPort"), "{}", msgs[1]);
+    }
+
+    #[test]
+    fn expected_identities_include_service_sans() {
+        let mut s = svc("b.default.svc.cluster.local", [10, 96, 0, 10], 80, 8080);
+        if let Some(pb::address::Type::Service(s)) = &mut s.r#type {
+            s.subject_alt_names = vec!["spiffe://cluster.local/ns/default/sa/other".into(), "not-spiffe".into()];
+        }
+        let st = state(&[s, wl("b1", [10, 244, 1, 2], Some((KEY, 80, 0)), true)]);
+        let Resolution::Upstream(u) = st.resolve("", "10.96.0.10:80".parse().unwrap()) else { panic!() };
+        let ids: Vec<String> = u.expected_identities().iter().map(|i| i.to_string()).collect();
+        assert_eq!(ids, vec!["spiffe://cluster.local/ns/default/sa/sa", "spiffe://cluster.local/ns/default/sa/other"]);
+    }
+}
