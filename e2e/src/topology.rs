@@ -964,8 +964,13 @@ pub fn cleanup_stale() -> Result<Vec<String>, TopologyError> {
     // Pods before nodes before the bridge: the reverse of creation.
     stale.sort_by_key(|name| stale_rank(name));
     for name in stale {
-        Netns::from_name(&name).delete()?;
-        removed.push(name);
+        let ns = Netns::from_name(&name);
+        match ns.delete() {
+            Ok(()) => removed.push(name),
+            // Another test process cleaning up at the same time got it first.
+            Err(_) if !ns.exists() => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let tmp = std::env::temp_dir();
     if let Ok(entries) = fs::read_dir(&tmp) {
@@ -973,11 +978,16 @@ pub fn cleanup_stale() -> Result<Vec<String>, TopologyError> {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if owner_pid(&name).is_some_and(|pid| !pid_alive(pid)) {
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && owner_pid(&name).is_some_and(|pid| !pid_alive(pid)) {
                 let path = entry.path();
-                fs::remove_dir_all(&path)
-                    .map_err(|e| TopologyError::io(format!("removing {}", path.display()), e))?;
-                removed.push(path.display().to_string());
+                match fs::remove_dir_all(&path) {
+                    Ok(()) => removed.push(path.display().to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(TopologyError::io(format!("removing {}", path.display()), e))
+                    }
+                }
             }
         }
     }
@@ -1010,8 +1020,20 @@ fn owner_pid(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
+/// A zombie counts as dead: a killed test binary may linger unreaped for a
+/// while, and its namespaces are just as abandoned.
 fn pid_alive(pid: u32) -> bool {
-    Path::new("/proc").join(pid.to_string()).exists()
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    !matches!(process_state(&stat), Some('Z' | 'X'))
+}
+
+/// The state letter of a `/proc/<pid>/stat` line; the command name before
+/// it is in parentheses and may itself contain spaces and parentheses.
+fn process_state(stat: &str) -> Option<char> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.trim_start().chars().next()
 }
 
 fn node_ip(index: u8) -> Ipv4Addr {
@@ -1046,7 +1068,7 @@ fn check_name(name: &str) -> Result<(), TopologyError> {
 /// explicitly: forwarding only on nodes; no reverse-path filter, because
 /// transparent proxying makes sockets answer for addresses that are not the
 /// interface's own; IPv6 off on new interfaces (keeps captures quiet; `lo`
-/// keeps `::1`).
+/// keeps `::1`); TIME_WAIT reuse for outgoing connections.
 fn configure_endpoint_sysctls(ns: &Netns, forward: bool) -> Result<(), TopologyError> {
     let forward = if forward { "1" } else { "0" };
     for (key, value) in [
@@ -1055,6 +1077,9 @@ fn configure_endpoint_sysctls(ns: &Netns, forward: bool) -> Result<(), TopologyE
         ("net.ipv4.conf.default.rp_filter", "0"),
         ("net.ipv4.conf.lo.rp_filter", "0"),
         ("net.ipv6.conf.default.disable_ipv6", "1"),
+        // Connection-rate benchmarks open tens of thousands of connections
+        // to one address; without reuse, TIME_WAIT exhausts the ports.
+        ("net.ipv4.tcp_tw_reuse", "1"),
     ] {
         ns.set_sysctl(key, value)?;
     }
@@ -1147,6 +1172,14 @@ mod tests {
         assert_eq!(owner_pid("e2e-x-3-br"), None);
         assert_eq!(owner_pid("other-4242-0"), None);
         assert_eq!(owner_pid("e2e-4242"), None);
+    }
+
+    #[test]
+    fn process_state_skips_odd_command_names() {
+        assert_eq!(process_state("42 (a) b) Z 1 42"), Some('Z'));
+        assert_eq!(process_state("42 (topology) S 1"), Some('S'));
+        assert_eq!(process_state("garbage"), None);
+        assert!(pid_alive(std::process::id()));
     }
 
     #[test]

@@ -802,69 +802,23 @@ async fn dropping_a_tunnel_resets_it() -> Result<()> {
 // ---- throughput report (not a timed test: prints figures only) ----
 
 /// Runs with `cargo test --release -p mesh-core --test hbone -- --ignored
-/// --nocapture throughput`.
+/// --nocapture throughput`. `HBONE_BENCH_MIB` sets the payload (default
+/// 1024), `HBONE_BENCH_REPS` the runs per case (median printed, default 3),
+/// `HBONE_BENCH_ONLY` a substring of the case names to run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark; prints throughput figures"]
 async fn throughput_report() -> Result<()> {
-    let total: u64 = std::env::var("HBONE_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024)
-        << 20;
-    let policies = [
-        ("fixed 16K", BufferPolicy::fixed(16 * 1024)),
-        ("adaptive 16K..256K", BufferPolicy::default()),
-        (
-            "adaptive 16K..1M",
-            BufferPolicy {
-                max: 1 << 20,
-                ..BufferPolicy::default()
-            },
-        ),
-    ];
-    println!("payload {} MiB", total >> 20);
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let total = env("HBONE_BENCH_MIB", 1024) << 20;
+    let reps = env("HBONE_BENCH_REPS", 3).max(1);
+    let only = std::env::var("HBONE_BENCH_ONLY").unwrap_or_default();
+    println!("payload {} MiB, median of {reps} runs", total >> 20);
 
-    // 1. Raw H2Stream: a client writes into the tunnel, the server counts.
-    for send_buffer in [400 * 1024, 1 << 20, 4 << 20] {
-        let server = start_server(ServerConfig {
-            send_buffer,
-            ..ServerConfig::default()
-        })
-        .await?;
-        let pool = Pool::new(PoolConfig {
-            send_buffer,
-            ..PoolConfig::default()
-        });
-        let dials = Arc::new(AtomicUsize::new(0));
-        let mut s = pool
-            .connect(
-                &0,
-                dialer(server.addr, &dials, Duration::ZERO),
-                target(PORT_SINK),
-            )
-            .await?;
-        let chunk = Bytes::from(vec![0x5a; 256 * 1024]);
-        let start = Instant::now();
-        let mut left = total;
-        while left > 0 {
-            let n = left.min(chunk.len() as u64) as usize;
-            s.write_all(&chunk[..n]).await?;
-            left -= n as u64;
-        }
-        s.shutdown().await?;
-        let mut count = [0u8; 8];
-        s.read_exact(&mut count).await?;
-        let secs = start.elapsed().as_secs_f64();
-        assert_eq!(u64::from_be_bytes(count), total);
-        println!(
-            "H2Stream write->read, h2 send buffer {:>4} KiB: {:>6.2} Gbit/s",
-            send_buffer / 1024,
-            gbit(total, secs)
-        );
-    }
-
-    // 2. Proxy path: client TCP -> copy -> HBONE tunnel -> copy -> TCP sink,
-    //    and the same without HBONE (client TCP -> copy -> TCP sink).
     let sink = TcpListener::bind("127.0.0.1:0").await?;
     let sink_addr = sink.local_addr()?;
     tokio::spawn(async move {
@@ -883,26 +837,114 @@ async fn throughput_report() -> Result<()> {
             });
         }
     });
+
+    let policies = [
+        ("fixed 16K", BufferPolicy::fixed(16 * 1024)),
+        ("fixed 256K", BufferPolicy::fixed(256 * 1024)),
+        ("adaptive 16K..256K", BufferPolicy::default()),
+        (
+            "adaptive 16K..1M",
+            BufferPolicy {
+                max: 1 << 20,
+                ..BufferPolicy::default()
+            },
+        ),
+    ];
+    let mut cases: Vec<(String, Case)> = vec![("direct TCP, no proxy".into(), Case::Direct)];
+    for send_buffer in [400 * 1024, 1 << 20, 4 << 20] {
+        cases.push((
+            format!("H2Stream only, h2 send buffer {} KiB", send_buffer / 1024),
+            Case::Tunnel { send_buffer },
+        ));
+    }
     for (name, policy) in policies {
-        let secs = proxy_run(total, sink_addr, policy, false).await?;
+        cases.push((
+            format!("TCP>copy>TCP [{name}]"),
+            Case::Proxy {
+                policy,
+                hbone: false,
+            },
+        ));
+        cases.push((
+            format!("TCP>copy>HBONE>copy>TCP [{name}]"),
+            Case::Proxy {
+                policy,
+                hbone: true,
+            },
+        ));
+    }
+    for (name, case) in cases {
+        if !name.contains(&only) {
+            continue;
+        }
+        let mut runs = Vec::new();
+        for _ in 0..reps {
+            let secs = match case {
+                Case::Direct => {
+                    let start = Instant::now();
+                    let mut direct = TcpStream::connect(sink_addr).await?;
+                    send_and_count(&mut direct, total).await?;
+                    start.elapsed().as_secs_f64()
+                }
+                Case::Tunnel { send_buffer } => tunnel_run(total, send_buffer).await?,
+                Case::Proxy { policy, hbone } => proxy_run(total, sink_addr, policy, hbone).await?,
+            };
+            runs.push(gbit(total, secs));
+        }
+        runs.sort_by(f64::total_cmp);
         println!(
-            "TCP -> copy -> TCP            [{name:>18}]: {:>6.2} Gbit/s",
-            gbit(total, secs)
-        );
-        let secs = proxy_run(total, sink_addr, policy, true).await?;
-        println!(
-            "TCP -> copy -> HBONE -> copy -> TCP [{name:>18}]: {:>6.2} Gbit/s",
-            gbit(total, secs)
+            "{name:<46} {:>6.2} Gbit/s  (min {:.2}, max {:.2})",
+            runs[runs.len() / 2],
+            runs[0],
+            runs[runs.len() - 1]
         );
     }
-    let start = Instant::now();
-    let mut direct = TcpStream::connect(sink_addr).await?;
-    send_and_count(&mut direct, total).await?;
-    println!(
-        "direct TCP (no proxy): {:>6.2} Gbit/s",
-        gbit(total, start.elapsed().as_secs_f64())
-    );
     Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Case {
+    Direct,
+    Tunnel { send_buffer: usize },
+    Proxy { policy: BufferPolicy, hbone: bool },
+}
+
+/// A client writes straight into the tunnel; the server counts.
+async fn tunnel_run(total: u64, send_buffer: usize) -> Result<f64> {
+    let server = start_server(ServerConfig {
+        send_buffer,
+        ..ServerConfig::default()
+    })
+    .await?;
+    let pool = Pool::new(PoolConfig {
+        send_buffer,
+        ..PoolConfig::default()
+    });
+    let dials = Arc::new(AtomicUsize::new(0));
+    let mut s = pool
+        .connect(
+            &0,
+            dialer(server.addr, &dials, Duration::ZERO),
+            target(PORT_SINK),
+        )
+        .await?;
+    let chunk = Bytes::from(vec![0x5a; 256 * 1024]);
+    let start = Instant::now();
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        s.write_all(&chunk[..n]).await?;
+        left -= n as u64;
+    }
+    s.shutdown().await?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).await?;
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        u64::from_be_bytes(count) == total,
+        "sink counted a different total"
+    );
+    Ok(secs)
 }
 
 fn gbit(bytes: u64, secs: f64) -> f64 {

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use http::StatusCode;
 use mesh_core::drain;
-use mesh_core::hbone::server::{ConnectRequest, Responder};
+use mesh_core::hbone::server::Responder;
+use mesh_core::hbone::ConnectRequest;
 use mesh_core::identity::Identity;
 use mesh_core::tls;
 use tokio::net::TcpStream;
@@ -81,7 +82,10 @@ async fn stream_request(
     peer: SocketAddr,
     client_id: Option<Identity>,
 ) {
-    let target = req.authority;
+    let Some(target) = req.authority.socket_addr() else {
+        responder.reject(StatusCode::BAD_REQUEST);
+        return;
+    };
     if target.ip() != local.ip() {
         tracing::warn!(authority = %target, dialled = %local.ip(), "CONNECT authority is not this pod's address");
         responder.reject(StatusCode::BAD_REQUEST);

@@ -9,8 +9,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh_core::hbone::client::ConnectRequest;
 use mesh_core::hbone::headers;
+use mesh_core::hbone::{ConnectRequest, HboneError};
 use mesh_core::tls;
 use tokio::net::TcpStream;
 use tracing::Instrument;
@@ -122,33 +122,36 @@ async fn hbone_upstream(
         let tcp = netns
             .connect(hbone_addr, None)
             .await
-            .map_err(mesh_core::hbone::HboneError::Io)?;
-        let cfg = tls::client_config(&cert, &expected).map_err(|e| mesh_core::hbone::HboneError::Io(std::io::Error::other(e)))?;
+            .map_err(HboneError::Io)?;
+        let cfg = tls::client_config(&cert, &expected).map_err(|e| HboneError::Io(std::io::Error::other(e)))?;
         let server_name = rustls::pki_types::ServerName::IpAddress(hbone_addr.ip().into());
         let tls = tokio_rustls::TlsConnector::from(cfg)
             .connect(server_name, tcp)
             .await
-            .map_err(mesh_core::hbone::HboneError::Io)?;
-        Ok::<_, mesh_core::hbone::HboneError>(tls)
+            .map_err(HboneError::Io)?;
+        Ok::<_, HboneError>(tls)
     };
     let mut hdrs = http::HeaderMap::new();
     let host = up.service.as_ref().map(|s| s.hostname.as_str());
-    headers::insert_forwarded(&mut hdrs, peer, host);
-    headers::insert_traceparent(&mut hdrs);
-    if let Some(src) = pi.state.workload_by_uid(&pod.uid) {
-        headers::insert_baggage(
-            &mut hdrs,
-            &headers::Baggage {
-                cluster: src.cluster_id.clone(),
-                namespace: src.namespace.clone(),
-                workload_type: src.workload_type.to_string(),
-                workload_name: if src.workload_name.is_empty() { src.name.clone() } else { src.workload_name.clone() },
-                service: src.canonical_name.clone(),
-                version: src.canonical_revision.clone(),
-            },
-        );
+    if let Ok(v) = headers::forwarded(peer, host) {
+        hdrs.insert(http::header::FORWARDED, v);
     }
-    let req = ConnectRequest::new(up.addr.to_string(), hdrs);
+    hdrs.insert(headers::TRACEPARENT, headers::TraceParent::new_random(false).to_header_value());
+    if let Some(src) = pi.state.workload_by_uid(&pod.uid) {
+        let some = |s: &str| Some(s.to_string()).filter(|s| !s.is_empty());
+        let baggage = headers::Baggage {
+            cluster: some(&src.cluster_id),
+            namespace: some(&src.namespace),
+            workload_type: some(src.workload_type),
+            workload_name: some(if src.workload_name.is_empty() { &src.name } else { &src.workload_name }),
+            service_name: some(&src.canonical_name),
+            service_version: some(&src.canonical_revision),
+        };
+        if let Ok(v) = baggage.to_header_value() {
+            hdrs.insert(headers::BAGGAGE, v);
+        }
+    }
+    let req = ConnectRequest::new(up.addr).with_headers(hdrs);
     let mut labels = labels(pi, pod, Some(&up), SecurityPolicy::mutual_tls);
     let mut tunnel = match pi.pool.connect(&key, dial, req).await {
         Ok(t) => t,

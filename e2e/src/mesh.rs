@@ -1,0 +1,418 @@
+//! A running mesh on top of a [`Topology`]: one ztunnel per node, the in-pod
+//! rules in every enrolled pod, and the node agent's side of ZDS handing each
+//! enrolled pod's network namespace to its node's ztunnel.
+//!
+//! The agent side is played here until the CNI node agent exists; it speaks
+//! the same protocol (`mesh_core::zds`) a real agent does, and re-sends the
+//! full snapshot whenever a ztunnel (re)connects.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_core::ca::CertificateAuthority;
+use mesh_core::proto::zds::WorkloadInfo;
+use mesh_core::zds::{ZdsAgentConn, ZdsListener};
+
+use crate::topology::{Process, Topology, TopologyError};
+use crate::{rules, HasNetns};
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+pub const NAMESPACE: &str = "default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("rules: {0}")]
+    Rules(#[from] rules::RulesError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn setup(msg: impl std::fmt::Display) -> MeshError {
+    MeshError::Setup(msg.to_string())
+}
+
+/// A Kubernetes-like service: a VIP in front of some pods.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    /// (service port, target port)
+    pub ports: Vec<(u16, u16)>,
+    pub endpoints: Vec<String>,
+}
+
+/// What the mesh looks like.
+#[derive(Debug, Clone, Default)]
+pub struct MeshSpec {
+    pub nodes: Vec<String>,
+    /// (node, pod, service account) of enrolled pods.
+    pub mesh_pods: Vec<(String, String, String)>,
+    /// (node, pod) of pods outside the mesh.
+    pub plain_pods: Vec<(String, String)>,
+    pub services: Vec<ServiceSpec>,
+    pub external: bool,
+    /// Extra environment for every ztunnel.
+    pub ztunnel_env: Vec<(String, String)>,
+}
+
+impl MeshSpec {
+    pub fn node(mut self, n: &str) -> Self {
+        self.nodes.push(n.into());
+        self
+    }
+    pub fn mesh_pod(mut self, node: &str, pod: &str, sa: &str) -> Self {
+        self.mesh_pods.push((node.into(), pod.into(), sa.into()));
+        self
+    }
+    pub fn plain_pod(mut self, node: &str, pod: &str) -> Self {
+        self.plain_pods.push((node.into(), pod.into()));
+        self
+    }
+    pub fn service(mut self, name: &str, vip: [u8; 4], ports: &[(u16, u16)], endpoints: &[&str]) -> Self {
+        self.services.push(ServiceSpec {
+            name: name.into(),
+            vip: Ipv4Addr::from(vip),
+            ports: ports.to_vec(),
+            endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+        });
+        self
+    }
+    pub fn external(mut self) -> Self {
+        self.external = true;
+        self
+    }
+    pub fn ztunnel_env(mut self, k: &str, v: &str) -> Self {
+        self.ztunnel_env.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// The uid the Workload API gives a pod.
+pub fn uid(pod: &str) -> String {
+    format!("Kubernetes//Pod/{NAMESPACE}/{pod}")
+}
+
+pub fn hostname(service: &str) -> String {
+    format!("{service}.{NAMESPACE}.svc.cluster.local")
+}
+
+struct NodeRun {
+    ztunnel: Option<Process>,
+    state_path: PathBuf,
+    socket: PathBuf,
+}
+
+/// A running mesh. Dropping it stops everything (the topology cleans up).
+pub struct Mesh {
+    pub spec: MeshSpec,
+    pub topo: Topology,
+    pub ca_dir: PathBuf,
+    rt: tokio::runtime::Runtime,
+    nodes: Mutex<BTreeMap<String, NodeRun>>,
+    agents: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Mesh {
+    /// Build the topology, install rules, write config, start the ztunnels
+    /// and wait until every one is ready.
+    pub fn start(spec: MeshSpec) -> Result<Mesh, MeshError> {
+        let mut b = Topology::builder();
+        for n in &spec.nodes {
+            b = b.node(n);
+        }
+        for (n, p, _) in &spec.mesh_pods {
+            b = b.pod(n, p);
+        }
+        for (n, p) in &spec.plain_pods {
+            b = b.pod(n, p);
+        }
+        if spec.external {
+            b = b.external();
+        }
+        let topo = b.build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(setup)?;
+        let ca_dir = topo.temp_path("ca");
+        std::fs::create_dir_all(&ca_dir).map_err(setup)?;
+        let ca = CertificateAuthority::generate(TRUST_DOMAIN).map_err(setup)?;
+        ca.write_dir(&ca_dir).map_err(setup)?;
+        for (_, p, _) in &spec.mesh_pods {
+            rules::install(topo.pod(p))?;
+        }
+        let mut mesh = Mesh {
+            spec,
+            topo,
+            ca_dir,
+            rt,
+            nodes: Mutex::new(BTreeMap::new()),
+            agents: Vec::new(),
+        };
+        let state = mesh.state_yaml();
+        for n in mesh.spec.nodes.clone() {
+            let dir = mesh.topo.temp_path(&format!("node-{n}"));
+            std::fs::create_dir_all(&dir).map_err(setup)?;
+            let state_path = dir.join("state.yaml");
+            std::fs::write(&state_path, &state).map_err(setup)?;
+            let socket = dir.join("ztunnel.sock");
+            let pods: Vec<(String, String, String)> = mesh
+                .spec
+                .mesh_pods
+                .iter()
+                .filter(|(node, _, _)| *node == n)
+                .map(|(_, p, sa)| (p.clone(), sa.clone(), mesh.topo.pod(p).netns_path().display().to_string()))
+                .collect();
+            let listener = {
+                let _g = mesh.rt.enter();
+                ZdsListener::bind(&socket).map_err(setup)?
+            };
+            mesh.agents.push(mesh.rt.spawn(agent(listener, pods)));
+            mesh.nodes.lock().unwrap().insert(
+                n.clone(),
+                NodeRun {
+                    ztunnel: None,
+                    state_path,
+                    socket,
+                },
+            );
+            mesh.start_ztunnel(&n)?;
+        }
+        for n in mesh.spec.nodes.clone() {
+            mesh.wait_ready(&n)?;
+        }
+        Ok(mesh)
+    }
+
+    /// The Workload API state every ztunnel is given.
+    pub fn state_yaml(&self) -> String {
+        let mut addresses = Vec::new();
+        let svc_of = |pod: &str| -> serde_json::Value {
+            let mut m = serde_json::Map::new();
+            for s in &self.spec.services {
+                if s.endpoints.iter().any(|e| e == pod) {
+                    let ports: Vec<_> = s
+                        .ports
+                        .iter()
+                        .map(|(sp, tp)| serde_json::json!({"servicePort": sp, "targetPort": tp}))
+                        .collect();
+                    m.insert(format!("{NAMESPACE}/{}", hostname(&s.name)), serde_json::json!({ "ports": ports }));
+                }
+            }
+            serde_json::Value::Object(m)
+        };
+        for (node, p, sa) in &self.spec.mesh_pods {
+            addresses.push(serde_json::json!({"workload": {
+                "uid": uid(p), "name": p, "namespace": NAMESPACE, "serviceAccount": sa,
+                "addresses": [self.topo.pod(p).ip().to_string()], "node": node,
+                "tunnelProtocol": "HBONE", "trustDomain": TRUST_DOMAIN,
+                "canonicalName": p, "canonicalRevision": "v1", "workloadName": p,
+                "workloadType": "POD", "clusterId": "Kubernetes", "services": svc_of(p),
+            }}));
+        }
+        for (node, p) in &self.spec.plain_pods {
+            addresses.push(serde_json::json!({"workload": {
+                "uid": uid(p), "name": p, "namespace": NAMESPACE, "serviceAccount": "default",
+                "addresses": [self.topo.pod(p).ip().to_string()], "node": node,
+                "tunnelProtocol": "NONE", "trustDomain": TRUST_DOMAIN, "workloadType": "POD",
+                "clusterId": "Kubernetes", "services": svc_of(p),
+            }}));
+        }
+        for s in &self.spec.services {
+            let ports: Vec<_> = s
+                .ports
+                .iter()
+                .map(|(sp, tp)| serde_json::json!({"servicePort": sp, "targetPort": tp}))
+                .collect();
+            addresses.push(serde_json::json!({"service": {
+                "name": s.name, "namespace": NAMESPACE, "hostname": hostname(&s.name),
+                "addresses": [{"network": "", "address": s.vip.to_string()}], "ports": ports,
+            }}));
+        }
+        serde_yaml::to_string(&serde_json::json!({ "addresses": addresses, "authorizations": [] })).unwrap_or_default()
+    }
+
+    /// Replace one node's state file (ztunnel reloads it).
+    pub fn write_state(&self, node: &str, yaml: &str) -> Result<(), MeshError> {
+        let path = self.nodes.lock().unwrap().get(node).map(|n| n.state_path.clone()).ok_or_else(|| setup(format!("no node {node}")))?;
+        std::fs::write(path, yaml).map_err(setup)
+    }
+
+    /// Start (or restart) the ztunnel of a node.
+    pub fn start_ztunnel(&self, node: &str) -> Result<(), MeshError> {
+        let bin = crate::app::ztunnel().map_err(setup)?;
+        let mut nodes = self.nodes.lock().unwrap();
+        let run = nodes.get_mut(node).ok_or_else(|| setup(format!("no node {node}")))?;
+        if let Some(old) = run.ztunnel.take() {
+            let _ = old.kill();
+        }
+        let mut cmd = Command::new(bin);
+        cmd.env("LOCAL_XDS_PATH", &run.state_path)
+            .env("LOCAL_CA_DIR", &self.ca_dir)
+            .env("INPOD_UDS", &run.socket)
+            .env("NODE_NAME", node)
+            .env("RUST_LOG", std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()));
+        for (k, v) in &self.spec.ztunnel_env {
+            cmd.env(k, v);
+        }
+        let p = self.topo.spawn_named(self.topo.node(node), &format!("ztunnel-{node}"), cmd)?;
+        run.ztunnel = Some(p);
+        Ok(())
+    }
+
+    pub fn ztunnel(&self, node: &str) -> Option<Process> {
+        self.nodes.lock().unwrap().get(node).and_then(|n| n.ztunnel.clone())
+    }
+
+    /// GET a path of a node's ztunnel endpoint from inside the node.
+    pub fn http_get_node(&self, node: &str, port: u16, path: &str) -> Result<(bool, String), MeshError> {
+        let app = crate::app::mesh_app().map_err(setup)?;
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let out = self.topo.exec(self.topo.node(node), &[app.to_str().unwrap_or("mesh-app"), "http-get", &url])?;
+        Ok((out.success(), out.stdout))
+    }
+
+    pub fn config_dump(&self, node: &str) -> Result<serde_json::Value, MeshError> {
+        let (ok, body) = self.http_get_node(node, 15000, "/config_dump")?;
+        if !ok {
+            return Err(setup(format!("config_dump failed: {body}")));
+        }
+        let json = body.find('{').map(|i| &body[i..]).unwrap_or(&body);
+        serde_json::from_str(json).map_err(|e| setup(format!("config_dump is not JSON: {e}")))
+    }
+
+    pub fn metrics(&self, node: &str) -> Result<String, MeshError> {
+        Ok(self.http_get_node(node, 15020, "/metrics")?.1)
+    }
+
+    /// Wait until the node's ztunnel reports ready and serves every pod.
+    pub fn wait_ready(&self, node: &str) -> Result<(), MeshError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let want = self.spec.mesh_pods.iter().filter(|(n, _, _)| n == node).count();
+        loop {
+            if let Ok((true, _)) = self.http_get_node(node, 15021, "/healthz/ready") {
+                if let Ok(dump) = self.config_dump(node) {
+                    let pods = dump["workloadState"].as_object().map(|o| o.len()).unwrap_or(0);
+                    if pods == want {
+                        return Ok(());
+                    }
+                }
+            }
+            if let Some(z) = self.ztunnel(node) {
+                if !z.is_running() {
+                    return Err(setup(format!("ztunnel on {node} exited:\n{}", z.stderr())));
+                }
+            }
+            if Instant::now() > deadline {
+                let logs = self.ztunnel(node).map(|z| z.stderr()).unwrap_or_default();
+                return Err(setup(format!("ztunnel on {node} not ready after 30s:\n{logs}")));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Start a `mesh-app` subcommand in the background in a pod (or host).
+    pub fn spawn_app(&self, ns: &impl HasNetns, label: &str, args: &[&str]) -> Result<Process, MeshError> {
+        let mut cmd = Command::new(crate::app::mesh_app().map_err(setup)?);
+        cmd.args(args);
+        Ok(self.topo.spawn_named(ns, label, cmd)?)
+    }
+
+    /// Run a `mesh-app` subcommand to completion in a pod (or host).
+    pub fn app(&self, ns: &impl HasNetns, args: &[&str]) -> Result<crate::ExecOutput, MeshError> {
+        let mut cmd = Command::new(crate::app::mesh_app().map_err(setup)?);
+        cmd.args(args);
+        Ok(self.topo.exec_command(ns, cmd)?)
+    }
+
+    /// Logs of every ztunnel, for failure messages.
+    pub fn ztunnel_logs(&self) -> String {
+        let nodes = self.nodes.lock().unwrap();
+        nodes
+            .iter()
+            .map(|(n, r)| format!("--- ztunnel {n} ---\n{}", r.ztunnel.as_ref().map(|z| z.stderr()).unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn ca(&self) -> Result<CertificateAuthority, MeshError> {
+        CertificateAuthority::load_dir(&self.ca_dir).map_err(setup)
+    }
+
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+
+    pub fn socket_path(&self, node: &str) -> Option<PathBuf> {
+        self.nodes.lock().unwrap().get(node).map(|n| n.socket.clone())
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for a in &self.agents {
+            a.abort();
+        }
+    }
+}
+
+/// The node agent's side: on every ztunnel connection, send every enrolled
+/// pod of the node, then SnapshotSent; keep the connection until it drops.
+async fn agent(listener: ZdsListener, pods: Vec<(String, String, String)>) {
+    let pods = Arc::new(pods);
+    loop {
+        let conn = match ZdsAgentConn::accept(&listener).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("agent: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            for (name, sa, path) in pods.iter() {
+                let file = match std::fs::File::open(Path::new(path)) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("agent: opening {path}: {e}");
+                        return;
+                    }
+                };
+                let info = WorkloadInfo {
+                    name: name.clone(),
+                    namespace: NAMESPACE.into(),
+                    service_account: sa.clone(),
+                };
+                if let Err(e) = conn.add(&uid(name), info, file.as_fd()).await {
+                    eprintln!("agent: add {name}: {e}");
+                    return;
+                }
+            }
+            if let Err(e) = conn.snapshot_sent().await {
+                eprintln!("agent: snapshot: {e}");
+                return;
+            }
+            // Hold the connection open; ztunnel closing it ends this task.
+            let _ = conn.raw().recv::<mesh_core::proto::zds::WorkloadResponse>().await;
+        });
+    }
+}
+
+/// Connect to `addr` from inside a namespace (socket created there).
+pub fn connect_from(ns: &impl HasNetns, addr: SocketAddr) -> Result<std::net::TcpStream, MeshError> {
+    let s = ns
+        .netns()
+        .run_in(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .map_err(setup)?
+        .map_err(setup)?;
+    Ok(s)
+}
