@@ -308,11 +308,11 @@ impl Mesh {
             }
             if let Some(z) = self.ztunnel(node) {
                 if !z.is_running() {
-                    return Err(setup(format!("ztunnel on {node} exited:\n{}", z.stderr())));
+                    return Err(setup(format!("ztunnel on {node} exited:\n{}{}", z.stdout(), z.stderr())));
                 }
             }
             if Instant::now() > deadline {
-                let logs = self.ztunnel(node).map(|z| z.stderr()).unwrap_or_default();
+                let logs = self.ztunnel(node).map(|z| z.stdout() + &z.stderr()).unwrap_or_default();
                 return Err(setup(format!("ztunnel on {node} not ready after 30s:\n{logs}")));
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -338,7 +338,7 @@ impl Mesh {
         let nodes = self.nodes.lock().unwrap();
         nodes
             .iter()
-            .map(|(n, r)| format!("--- ztunnel {n} ---\n{}", r.ztunnel.as_ref().map(|z| z.stderr()).unwrap_or_default()))
+            .map(|(n, r)| format!("--- ztunnel {n} ---\n{}", r.ztunnel.as_ref().map(|z| z.stdout() + &z.stderr()).unwrap_or_default()))
             .collect::<Vec<_>>()
             .join("\n")
     }

@@ -15,7 +15,7 @@ use mesh_core::copy::{copy_bidirectional_with_policy, BufferPolicy, Counters};
 use mesh_core::hbone::headers::{self, Baggage, TraceParent};
 use mesh_core::hbone::{
     serve_connection, Authority, ConnectRequest, HboneError, Pool, PoolConfig, Responder,
-    ServerConfig,
+    ServerConfig, DEFAULT_SEND_BUFFER,
 };
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -862,16 +862,21 @@ async fn throughput_report() -> Result<()> {
             format!("TCP>copy>TCP [{name}]"),
             Case::Proxy {
                 policy,
-                hbone: false,
+                hbone: None,
             },
         ));
-        cases.push((
-            format!("TCP>copy>HBONE>copy>TCP [{name}]"),
-            Case::Proxy {
-                policy,
-                hbone: true,
-            },
-        ));
+        for send_buffer in [400 * 1024, 1 << 20, 4 << 20] {
+            cases.push((
+                format!(
+                    "TCP>copy>HBONE>copy>TCP [{name}, h2 buf {}K]",
+                    send_buffer / 1024
+                ),
+                Case::Proxy {
+                    policy,
+                    hbone: Some(send_buffer),
+                },
+            ));
+        }
     }
     for (name, case) in cases {
         if !name.contains(&only) {
@@ -905,8 +910,13 @@ async fn throughput_report() -> Result<()> {
 #[derive(Clone, Copy)]
 enum Case {
     Direct,
-    Tunnel { send_buffer: usize },
-    Proxy { policy: BufferPolicy, hbone: bool },
+    Tunnel {
+        send_buffer: usize,
+    },
+    Proxy {
+        policy: BufferPolicy,
+        hbone: Option<usize>,
+    },
 }
 
 /// A client writes straight into the tunnel; the server counts.
@@ -970,16 +980,33 @@ async fn send_and_count(s: &mut TcpStream, total: u64) -> Result<()> {
 }
 
 /// One proxied transfer; returns seconds.
-async fn proxy_run(total: u64, sink: SocketAddr, policy: BufferPolicy, hbone: bool) -> Result<f64> {
+/// `hbone` is the h2 send buffer to tunnel with, or `None` for plain TCP.
+async fn proxy_run(
+    total: u64,
+    sink: SocketAddr,
+    policy: BufferPolicy,
+    hbone: Option<usize>,
+) -> Result<f64> {
     let front = TcpListener::bind("127.0.0.1:0").await?;
     let front_addr = front.local_addr()?;
-    let server = start_server_with_policy(ServerConfig::default(), policy).await?;
+    let send_buffer = hbone.unwrap_or(DEFAULT_SEND_BUFFER);
+    let server = start_server_with_policy(
+        ServerConfig {
+            send_buffer,
+            ..ServerConfig::default()
+        },
+        policy,
+    )
+    .await?;
     let proxy = tokio::spawn(async move {
         let (mut inbound, _) = front.accept().await?;
         inbound.set_nodelay(true)?;
         let counters = Counters::new();
-        if hbone {
-            let pool = Pool::new(PoolConfig::default());
+        if hbone.is_some() {
+            let pool = Pool::new(PoolConfig {
+                send_buffer,
+                ..PoolConfig::default()
+            });
             let dials = Arc::new(AtomicUsize::new(0));
             let mut req = target(PORT_SINK + 1);
             req.headers

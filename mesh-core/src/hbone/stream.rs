@@ -37,7 +37,6 @@ pub struct H2Stream {
     /// The unread rest of the last DATA frame. Kept as `Bytes` so it is
     /// copied exactly once, into the caller's buffer.
     pending: Bytes,
-    wbuf: bytes::BytesMut,
     read_eof: bool,
     write_closed: bool,
     /// The client pool's claim on the connection; declared last so it is
@@ -51,7 +50,6 @@ impl H2Stream {
             send,
             recv,
             pending: Bytes::new(),
-            wbuf: bytes::BytesMut::new(),
             read_eof: false,
             write_closed: false,
             _lease: None,
@@ -66,17 +64,6 @@ impl H2Stream {
     /// The HTTP/2 stream id, for logs.
     pub fn stream_id(&self) -> u32 {
         self.send.stream_id().as_u32()
-    }
-
-    fn chunk(&mut self, data: &[u8]) -> Bytes {
-        if std::env::var_os("EXP_ARENA").is_none() {
-            return Bytes::copy_from_slice(data);
-        }
-        if self.wbuf.capacity() < data.len() {
-            self.wbuf.reserve(data.len().max(256 * 1024));
-        }
-        self.wbuf.extend_from_slice(data);
-        self.wbuf.split().freeze()
     }
 
     /// Error for a write that found the stream no longer open for sending.
@@ -166,7 +153,7 @@ impl AsyncWrite for H2Stream {
                 let n = capacity.min(buf.len());
                 return match this
                     .send
-                    .send_data(this.chunk(&buf[..n]), false)
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
                 {
                     Ok(()) => Poll::Ready(Ok(n)),
                     Err(_) => Poll::Ready(Err(this.send_closed_error(cx))),
