@@ -75,7 +75,13 @@ impl MeshSpec {
         self.plain_pods.push((node.into(), pod.into()));
         self
     }
-    pub fn service(mut self, name: &str, vip: [u8; 4], ports: &[(u16, u16)], endpoints: &[&str]) -> Self {
+    pub fn service(
+        mut self,
+        name: &str,
+        vip: [u8; 4],
+        ports: &[(u16, u16)],
+        endpoints: &[&str],
+    ) -> Self {
         self.services.push(ServiceSpec {
             name: name.into(),
             vip: Ipv4Addr::from(vip),
@@ -107,6 +113,15 @@ struct NodeRun {
     ztunnel: Option<Process>,
     state_path: PathBuf,
     socket: PathBuf,
+    agent: Arc<AgentState>,
+}
+
+/// The node agent's view of one node: the enrolled pods (name, service
+/// account, netns path) and the current ztunnel connection.
+#[derive(Default)]
+struct AgentState {
+    pods: Mutex<Vec<(String, String, String)>>,
+    conn: tokio::sync::Mutex<Option<ZdsAgentConn>>,
 }
 
 /// A running mesh. Dropping it stops everything (the topology cleans up).
@@ -117,6 +132,7 @@ pub struct Mesh {
     rt: tokio::runtime::Runtime,
     nodes: Mutex<BTreeMap<String, NodeRun>>,
     agents: Vec<tokio::task::JoinHandle<()>>,
+    spec_pods_removed: Mutex<Vec<String>>,
 }
 
 impl Mesh {
@@ -156,6 +172,7 @@ impl Mesh {
             rt,
             nodes: Mutex::new(BTreeMap::new()),
             agents: Vec::new(),
+            spec_pods_removed: Mutex::new(Vec::new()),
         };
         let state = mesh.state_yaml();
         for n in mesh.spec.nodes.clone() {
@@ -169,19 +186,31 @@ impl Mesh {
                 .mesh_pods
                 .iter()
                 .filter(|(node, _, _)| *node == n)
-                .map(|(_, p, sa)| (p.clone(), sa.clone(), mesh.topo.pod(p).netns_path().display().to_string()))
+                .map(|(_, p, sa)| {
+                    (
+                        p.clone(),
+                        sa.clone(),
+                        mesh.topo.pod(p).netns_path().display().to_string(),
+                    )
+                })
                 .collect();
             let listener = {
                 let _g = mesh.rt.enter();
                 ZdsListener::bind(&socket).map_err(setup)?
             };
-            mesh.agents.push(mesh.rt.spawn(agent(listener, pods)));
+            let agent_state = Arc::new(AgentState {
+                pods: Mutex::new(pods),
+                conn: Default::default(),
+            });
+            mesh.agents
+                .push(mesh.rt.spawn(agent(listener, agent_state.clone())));
             mesh.nodes.lock().unwrap().insert(
                 n.clone(),
                 NodeRun {
                     ztunnel: None,
                     state_path,
                     socket,
+                    agent: agent_state,
                 },
             );
             mesh.start_ztunnel(&n)?;
@@ -204,7 +233,10 @@ impl Mesh {
                         .iter()
                         .map(|(sp, tp)| serde_json::json!({"servicePort": sp, "targetPort": tp}))
                         .collect();
-                    m.insert(format!("{NAMESPACE}/{}", hostname(&s.name)), serde_json::json!({ "ports": ports }));
+                    m.insert(
+                        format!("{NAMESPACE}/{}", hostname(&s.name)),
+                        serde_json::json!({ "ports": ports }),
+                    );
                 }
             }
             serde_json::Value::Object(m)
@@ -237,12 +269,19 @@ impl Mesh {
                 "addresses": [{"network": "", "address": s.vip.to_string()}], "ports": ports,
             }}));
         }
-        serde_yaml::to_string(&serde_json::json!({ "addresses": addresses, "authorizations": [] })).unwrap_or_default()
+        serde_yaml::to_string(&serde_json::json!({ "addresses": addresses, "authorizations": [] }))
+            .unwrap_or_default()
     }
 
     /// Replace one node's state file (ztunnel reloads it).
     pub fn write_state(&self, node: &str, yaml: &str) -> Result<(), MeshError> {
-        let path = self.nodes.lock().unwrap().get(node).map(|n| n.state_path.clone()).ok_or_else(|| setup(format!("no node {node}")))?;
+        let path = self
+            .nodes
+            .lock()
+            .unwrap()
+            .get(node)
+            .map(|n| n.state_path.clone())
+            .ok_or_else(|| setup(format!("no node {node}")))?;
         std::fs::write(path, yaml).map_err(setup)
     }
 
@@ -250,7 +289,9 @@ impl Mesh {
     pub fn start_ztunnel(&self, node: &str) -> Result<(), MeshError> {
         let bin = crate::app::ztunnel().map_err(setup)?;
         let mut nodes = self.nodes.lock().unwrap();
-        let run = nodes.get_mut(node).ok_or_else(|| setup(format!("no node {node}")))?;
+        let run = nodes
+            .get_mut(node)
+            .ok_or_else(|| setup(format!("no node {node}")))?;
         if let Some(old) = run.ztunnel.take() {
             let _ = old.kill();
         }
@@ -259,24 +300,41 @@ impl Mesh {
             .env("LOCAL_CA_DIR", &self.ca_dir)
             .env("INPOD_UDS", &run.socket)
             .env("NODE_NAME", node)
-            .env("RUST_LOG", std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()));
+            .env(
+                "RUST_LOG",
+                std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
+            );
         for (k, v) in &self.spec.ztunnel_env {
             cmd.env(k, v);
         }
-        let p = self.topo.spawn_named(self.topo.node(node), &format!("ztunnel-{node}"), cmd)?;
+        let p = self
+            .topo
+            .spawn_named(self.topo.node(node), &format!("ztunnel-{node}"), cmd)?;
         run.ztunnel = Some(p);
         Ok(())
     }
 
     pub fn ztunnel(&self, node: &str) -> Option<Process> {
-        self.nodes.lock().unwrap().get(node).and_then(|n| n.ztunnel.clone())
+        self.nodes
+            .lock()
+            .unwrap()
+            .get(node)
+            .and_then(|n| n.ztunnel.clone())
     }
 
     /// GET a path of a node's ztunnel endpoint from inside the node.
-    pub fn http_get_node(&self, node: &str, port: u16, path: &str) -> Result<(bool, String), MeshError> {
+    pub fn http_get_node(
+        &self,
+        node: &str,
+        port: u16,
+        path: &str,
+    ) -> Result<(bool, String), MeshError> {
         let app = crate::app::mesh_app().map_err(setup)?;
         let url = format!("http://127.0.0.1:{port}{path}");
-        let out = self.topo.exec(self.topo.node(node), &[app.to_str().unwrap_or("mesh-app"), "http-get", &url])?;
+        let out = self.topo.exec(
+            self.topo.node(node),
+            &[app.to_str().unwrap_or("mesh-app"), "http-get", &url],
+        )?;
         Ok((out.success(), out.stdout))
     }
 
@@ -296,11 +354,20 @@ impl Mesh {
     /// Wait until the node's ztunnel reports ready and serves every pod.
     pub fn wait_ready(&self, node: &str) -> Result<(), MeshError> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let want = self.spec.mesh_pods.iter().filter(|(n, _, _)| n == node).count();
+        let removed = self.spec_pods_removed.lock().unwrap().clone();
+        let want = self
+            .spec
+            .mesh_pods
+            .iter()
+            .filter(|(n, p, _)| n == node && !removed.contains(p))
+            .count();
         loop {
             if let Ok((true, _)) = self.http_get_node(node, 15021, "/healthz/ready") {
                 if let Ok(dump) = self.config_dump(node) {
-                    let pods = dump["workloadState"].as_object().map(|o| o.len()).unwrap_or(0);
+                    let pods = dump["workloadState"]
+                        .as_object()
+                        .map(|o| o.len())
+                        .unwrap_or(0);
                     if pods == want {
                         return Ok(());
                     }
@@ -308,19 +375,33 @@ impl Mesh {
             }
             if let Some(z) = self.ztunnel(node) {
                 if !z.is_running() {
-                    return Err(setup(format!("ztunnel on {node} exited:\n{}{}", z.stdout(), z.stderr())));
+                    return Err(setup(format!(
+                        "ztunnel on {node} exited:\n{}{}",
+                        z.stdout(),
+                        z.stderr()
+                    )));
                 }
             }
             if Instant::now() > deadline {
-                let logs = self.ztunnel(node).map(|z| z.stdout() + &z.stderr()).unwrap_or_default();
-                return Err(setup(format!("ztunnel on {node} not ready after 30s:\n{logs}")));
+                let logs = self
+                    .ztunnel(node)
+                    .map(|z| z.stdout() + &z.stderr())
+                    .unwrap_or_default();
+                return Err(setup(format!(
+                    "ztunnel on {node} not ready after 30s:\n{logs}"
+                )));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     /// Start a `mesh-app` subcommand in the background in a pod (or host).
-    pub fn spawn_app(&self, ns: &impl HasNetns, label: &str, args: &[&str]) -> Result<Process, MeshError> {
+    pub fn spawn_app(
+        &self,
+        ns: &impl HasNetns,
+        label: &str,
+        args: &[&str],
+    ) -> Result<Process, MeshError> {
         let mut cmd = Command::new(crate::app::mesh_app().map_err(setup)?);
         cmd.args(args);
         Ok(self.topo.spawn_named(ns, label, cmd)?)
@@ -338,7 +419,15 @@ impl Mesh {
         let nodes = self.nodes.lock().unwrap();
         nodes
             .iter()
-            .map(|(n, r)| format!("--- ztunnel {n} ---\n{}", r.ztunnel.as_ref().map(|z| z.stdout() + &z.stderr()).unwrap_or_default()))
+            .map(|(n, r)| {
+                format!(
+                    "--- ztunnel {n} ---\n{}",
+                    r.ztunnel
+                        .as_ref()
+                        .map(|z| z.stdout() + &z.stderr())
+                        .unwrap_or_default()
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -352,7 +441,11 @@ impl Mesh {
     }
 
     pub fn socket_path(&self, node: &str) -> Option<PathBuf> {
-        self.nodes.lock().unwrap().get(node).map(|n| n.socket.clone())
+        self.nodes
+            .lock()
+            .unwrap()
+            .get(node)
+            .map(|n| n.socket.clone())
     }
 }
 
@@ -365,9 +458,9 @@ impl Drop for Mesh {
 }
 
 /// The node agent's side: on every ztunnel connection, send every enrolled
-/// pod of the node, then SnapshotSent; keep the connection until it drops.
-async fn agent(listener: ZdsListener, pods: Vec<(String, String, String)>) {
-    let pods = Arc::new(pods);
+/// pod of the node, then SnapshotSent; the connection then serves later
+/// requests ([`Mesh::remove_pod`]).
+async fn agent(listener: ZdsListener, st: Arc<AgentState>) {
     loop {
         let conn = match ZdsAgentConn::accept(&listener).await {
             Ok(c) => c,
@@ -377,38 +470,70 @@ async fn agent(listener: ZdsListener, pods: Vec<(String, String, String)>) {
                 continue;
             }
         };
-        let pods = pods.clone();
-        tokio::spawn(async move {
-            for (name, sa, path) in pods.iter() {
-                let file = match std::fs::File::open(Path::new(path)) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        eprintln!("agent: opening {path}: {e}");
-                        return;
-                    }
-                };
-                let info = WorkloadInfo {
-                    name: name.clone(),
-                    namespace: NAMESPACE.into(),
-                    service_account: sa.clone(),
-                };
-                if let Err(e) = conn.add(&uid(name), info, file.as_fd()).await {
-                    eprintln!("agent: add {name}: {e}");
-                    return;
-                }
-            }
-            if let Err(e) = conn.snapshot_sent().await {
-                eprintln!("agent: snapshot: {e}");
-                return;
-            }
-            // Hold the connection open; ztunnel closing it ends this task.
-            let _ = conn.raw().recv::<mesh_core::proto::zds::WorkloadResponse>().await;
-        });
+        let mut current = st.conn.lock().await;
+        let pods = st.pods.lock().unwrap().clone();
+        if let Err(e) = send_snapshot(&conn, &pods).await {
+            eprintln!("agent: snapshot: {e}");
+            continue;
+        }
+        *current = Some(conn);
+    }
+}
+
+async fn send_snapshot(
+    conn: &ZdsAgentConn,
+    pods: &[(String, String, String)],
+) -> Result<(), String> {
+    for (name, sa, path) in pods {
+        let file =
+            std::fs::File::open(Path::new(path)).map_err(|e| format!("opening {path}: {e}"))?;
+        let info = WorkloadInfo {
+            name: name.clone(),
+            namespace: NAMESPACE.into(),
+            service_account: sa.clone(),
+        };
+        conn.add(&uid(name), info, file.as_fd())
+            .await
+            .map_err(|e| format!("add {name}: {e}"))?;
+    }
+    conn.snapshot_sent().await.map_err(|e| e.to_string())
+}
+
+impl Mesh {
+    /// Tell a node's ztunnel (as the node agent would) that a pod is gone.
+    pub fn remove_pod(&self, pod: &str) -> Result<(), MeshError> {
+        let node = self.topo.pod(pod).node_name().to_string();
+        let agent = self
+            .nodes
+            .lock()
+            .unwrap()
+            .get(&node)
+            .map(|n| n.agent.clone())
+            .ok_or_else(|| setup(format!("no node {node}")))?;
+        agent.pods.lock().unwrap().retain(|(p, _, _)| p != pod);
+        self.rt.block_on(async {
+            let conn = agent.conn.lock().await;
+            let conn = conn
+                .as_ref()
+                .ok_or_else(|| setup("ztunnel not connected"))?;
+            conn.del(&uid(pod)).await.map_err(setup)
+        })?;
+        self.spec_pods_removed.lock().unwrap().push(pod.to_string());
+        Ok(())
+    }
+
+    /// Kill a node's ztunnel and start a new one; waits until it is ready.
+    pub fn restart_ztunnel(&self, node: &str) -> Result<(), MeshError> {
+        self.start_ztunnel(node)?;
+        self.wait_ready(node)
     }
 }
 
 /// Connect to `addr` from inside a namespace (socket created there).
-pub fn connect_from(ns: &impl HasNetns, addr: SocketAddr) -> Result<std::net::TcpStream, MeshError> {
+pub fn connect_from(
+    ns: &impl HasNetns,
+    addr: SocketAddr,
+) -> Result<std::net::TcpStream, MeshError> {
     let s = ns
         .netns()
         .run_in(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)))

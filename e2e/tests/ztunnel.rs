@@ -8,8 +8,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use e2e::mesh::{hostname, Mesh, MeshSpec};
 use e2e::capture;
+use e2e::mesh::{hostname, Mesh, MeshSpec};
 use mesh_core::identity::Identity;
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -41,17 +41,29 @@ fn start(spec: MeshSpec) -> Mesh {
     let mesh = Mesh::start(spec).expect("mesh starts");
     let t = &mesh.topo;
     for (pod, name) in [("b1", "b1"), ("b2", "b2")] {
-        mesh.spawn_app(t.pod(pod), &format!("http-{name}"), &["http-server", "--port", "8080", "--name", name])
-            .unwrap();
+        mesh.spawn_app(
+            t.pod(pod),
+            &format!("http-{name}"),
+            &["http-server", "--port", "8080", "--name", name],
+        )
+        .unwrap();
         t.wait_for_tcp(t.pod(pod), t.pod(pod).addr(8080)).unwrap();
     }
-    mesh.spawn_app(t.pod("b1"), "hash-b1", &["hash-server", "--port", "9000"]).unwrap();
-    mesh.spawn_app(t.pod("b1"), "echo-b1", &["tcp-echo", "--port", "9001"]).unwrap();
+    mesh.spawn_app(t.pod("b1"), "hash-b1", &["hash-server", "--port", "9000"])
+        .unwrap();
+    mesh.spawn_app(t.pod("b1"), "echo-b1", &["tcp-echo", "--port", "9001"])
+        .unwrap();
     t.wait_for_tcp(t.pod("b1"), t.pod("b1").addr(9000)).unwrap();
     t.wait_for_tcp(t.pod("b1"), t.pod("b1").addr(9001)).unwrap();
     if t.try_external().is_some() {
-        mesh.spawn_app(t.external(), "http-ext", &["http-server", "--port", "8080", "--name", "external"]).unwrap();
-        t.wait_for_tcp(t.external(), t.external().addr(8080)).unwrap();
+        mesh.spawn_app(
+            t.external(),
+            "http-ext",
+            &["http-server", "--port", "8080", "--name", "external"],
+        )
+        .unwrap();
+        t.wait_for_tcp(t.external(), t.external().addr(8080))
+            .unwrap();
     }
     mesh
 }
@@ -96,7 +108,11 @@ fn http_through_service_vip_crosses_nodes_over_hbone() {
     assert_eq!(body["server"], "b1", "{body}");
     assert_eq!(body["path"], "/hello");
     // The application sees the real client address, not a proxy's.
-    assert_eq!(body["client_ip"], t.pod("client").ip().to_string(), "{body}");
+    assert_eq!(
+        body["client_ip"],
+        t.pod("client").ip().to_string(),
+        "{body}"
+    );
 
     // Source ztunnel reported it as mutual TLS to b's identity...
     let m1 = mesh.metrics("n1").unwrap();
@@ -117,14 +133,22 @@ fn http_through_service_vip_crosses_nodes_over_hbone() {
     let dst = metric_lines(
         &m2,
         "istio_tcp_connections_opened_total",
-        &["reporter=\"destination\"", "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"", "destination_workload=\"b1\""],
+        &[
+            "reporter=\"destination\"",
+            "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+            "destination_workload=\"b1\"",
+        ],
     );
     assert!(!dst.is_empty(), "no destination-side metric in\n{m2}");
     eventually("bytes counted on n2", || {
         let m2 = mesh.metrics("n2").unwrap();
-        metric_lines(&m2, "istio_tcp_received_bytes_total", &["reporter=\"destination\""])
-            .iter()
-            .any(|l| !l.ends_with(" 0"))
+        metric_lines(
+            &m2,
+            "istio_tcp_received_bytes_total",
+            &["reporter=\"destination\""],
+        )
+        .iter()
+        .any(|l| !l.ends_with(" 0"))
     });
 
     // config_dump has Istio's shape.
@@ -134,16 +158,26 @@ fn http_through_service_vip_crosses_nodes_over_hbone() {
     assert_eq!(b1["protocol"], "HBONE");
     assert_eq!(b1["workloadIps"][0], t.pod("b1").ip().to_string());
     assert_eq!(b1["serviceAccount"], "b");
-    let svc = dump["services"].as_array().unwrap().iter().find(|s| s["name"] == "b").expect("service b");
+    let svc = dump["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "b")
+        .expect("service b");
     assert_eq!(svc["hostname"], hostname("b"));
     assert_eq!(svc["vips"][0], format!("/{VIP_STR}"));
     assert_eq!(svc["endpoints"].as_object().unwrap().len(), 1);
     let certs = dump["certificates"].as_array().unwrap();
     assert!(
-        certs.iter().any(|c| c["identity"] == "spiffe://cluster.local/ns/default/sa/sleep"),
+        certs
+            .iter()
+            .any(|c| c["identity"] == "spiffe://cluster.local/ns/default/sa/sleep"),
         "client certificate in dump: {certs:?}"
     );
-    assert!(dump["workloadState"].as_object().unwrap().contains_key(&e2e::mesh::uid("client")));
+    assert!(dump["workloadState"]
+        .as_object()
+        .unwrap()
+        .contains_key(&e2e::mesh::uid("client")));
 }
 
 #[test]
@@ -153,9 +187,23 @@ fn tcp_stream_of_64_mib_arrives_intact() {
     }
     let mesh = start(spec());
     let out = mesh
-        .app(mesh.topo.pod("client"), &["hash-client", &format!("{VIP_STR}:9000"), "--bytes", &(64u64 << 20).to_string()])
+        .app(
+            mesh.topo.pod("client"),
+            &[
+                "hash-client",
+                &format!("{VIP_STR}:9000"),
+                "--bytes",
+                &(64u64 << 20).to_string(),
+            ],
+        )
         .unwrap();
-    assert!(out.success(), "hash mismatch or failure: {}\n{}\n{}", out.stdout, out.stderr, mesh.ztunnel_logs());
+    assert!(
+        out.success(),
+        "hash mismatch or failure: {}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        mesh.ztunnel_logs()
+    );
 }
 
 #[test]
@@ -165,13 +213,27 @@ fn pod_to_pod_on_the_same_node_goes_through_ztunnel() {
     }
     let mesh = start(spec());
     let t = &mesh.topo;
-    let (code, body) = get(&mesh, "client", &format!("http://{}:8080/same", t.pod("b2").ip()), &[]);
+    let (code, body) = get(
+        &mesh,
+        "client",
+        &format!("http://{}:8080/same", t.pod("b2").ip()),
+        &[],
+    );
     assert_eq!(code, 0, "{body}\n{}", mesh.ztunnel_logs());
     assert_eq!(body["server"], "b2");
     assert_eq!(body["client_ip"], t.pod("client").ip().to_string());
     let m1 = mesh.metrics("n1").unwrap();
     assert!(
-        !metric_lines(&m1, "istio_tcp_connections_opened_total", &["reporter=\"destination\"", "destination_workload=\"b2\"", "connection_security_policy=\"mutual_tls\""]).is_empty(),
+        !metric_lines(
+            &m1,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                "destination_workload=\"b2\"",
+                "connection_security_policy=\"mutual_tls\""
+            ]
+        )
+        .is_empty(),
         "same-node traffic did not arrive over HBONE:\n{m1}"
     );
 }
@@ -183,13 +245,27 @@ fn destination_outside_the_mesh_is_passed_through() {
     }
     let mesh = start(spec());
     let t = &mesh.topo;
-    let (code, body) = get(&mesh, "client", &format!("http://{}:8080/out", t.external().ip()), &[]);
+    let (code, body) = get(
+        &mesh,
+        "client",
+        &format!("http://{}:8080/out", t.external().ip()),
+        &[],
+    );
     assert_eq!(code, 0, "{body}\n{}", mesh.ztunnel_logs());
     assert_eq!(body["server"], "external");
     assert_eq!(body["client_ip"], t.pod("client").ip().to_string());
     let m1 = mesh.metrics("n1").unwrap();
     assert!(
-        !metric_lines(&m1, "istio_tcp_connections_opened_total", &["reporter=\"source\"", "connection_security_policy=\"none\"", "destination_workload=\"unknown\""]).is_empty(),
+        !metric_lines(
+            &m1,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"source\"",
+                "connection_security_policy=\"none\"",
+                "destination_workload=\"unknown\""
+            ]
+        )
+        .is_empty(),
         "passthrough not recorded:\n{m1}"
     );
 }
@@ -201,13 +277,27 @@ fn non_mesh_client_reaches_mesh_pod_through_inbound_plaintext() {
     }
     let mesh = start(spec());
     let t = &mesh.topo;
-    let (code, body) = get(&mesh, "outsider", &format!("http://{}:8080/in", t.pod("b1").ip()), &[]);
+    let (code, body) = get(
+        &mesh,
+        "outsider",
+        &format!("http://{}:8080/in", t.pod("b1").ip()),
+        &[],
+    );
     assert_eq!(code, 0, "{body}\n{}", mesh.ztunnel_logs());
     assert_eq!(body["server"], "b1");
     assert_eq!(body["client_ip"], t.pod("outsider").ip().to_string());
     let m2 = mesh.metrics("n2").unwrap();
     assert!(
-        !metric_lines(&m2, "istio_tcp_connections_opened_total", &["reporter=\"destination\"", "connection_security_policy=\"none\"", "destination_workload=\"b1\""]).is_empty(),
+        !metric_lines(
+            &m2,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                "connection_security_policy=\"none\"",
+                "destination_workload=\"b1\""
+            ]
+        )
+        .is_empty(),
         "plaintext inbound not recorded by ztunnel:\n{m2}"
     );
 }
@@ -221,22 +311,49 @@ fn application_bytes_never_cross_the_node_link_in_clear() {
     let t = &mesh.topo;
     let marker = format!("MARKER-{}", std::process::id());
     // Mesh traffic n1 -> n2, captured on n2's port of the bridge.
-    let cap = t.capture(t.bridge(), &t.node("n2").bridge_port(), "tcp").unwrap();
-    let (code, body) = get(&mesh, "client", &format!("http://{VIP_STR}/{marker}"), &["-H", &format!("x-marker: {marker}")]);
+    let cap = t
+        .capture(t.bridge(), &t.node("n2").bridge_port(), "tcp")
+        .unwrap();
+    let (code, body) = get(
+        &mesh,
+        "client",
+        &format!("http://{VIP_STR}/{marker}"),
+        &["-H", &format!("x-marker: {marker}")],
+    );
     assert_eq!(code, 0, "{body}");
-    assert!(body.to_string().contains(&marker), "the server got the marker");
+    assert!(
+        body.to_string().contains(&marker),
+        "the server got the marker"
+    );
     let pcap = cap.stop().unwrap();
     let packets = capture::packets(&pcap).unwrap();
-    assert!(packets.len() > 4, "capture saw the tunnel ({} packets)", packets.len());
-    assert!(!capture::contains(&pcap, marker.as_bytes()), "marker seen in clear on the node link");
+    assert!(
+        packets.len() > 4,
+        "capture saw the tunnel ({} packets)",
+        packets.len()
+    );
+    assert!(
+        !capture::contains(&pcap, marker.as_bytes()),
+        "marker seen in clear on the node link"
+    );
 
     // Control: the same capture does see a marker sent in plaintext, so the
     // absence above means encryption, not a blind capture.
-    let cap = t.capture(t.bridge(), t.external().bridge_port(), "tcp").unwrap();
-    let (code, _) = get(&mesh, "client", &format!("http://{}:8080/{marker}", t.external().ip()), &[]);
+    let cap = t
+        .capture(t.bridge(), t.external().bridge_port(), "tcp")
+        .unwrap();
+    let (code, _) = get(
+        &mesh,
+        "client",
+        &format!("http://{}:8080/{marker}", t.external().ip()),
+        &[],
+    );
     assert_eq!(code, 0);
     let pcap = cap.stop().unwrap();
-    assert!(capture::contains(&pcap, marker.as_bytes()), "control capture should see plaintext");
+    assert!(
+        capture::contains(&pcap, marker.as_bytes()),
+        "control capture should see plaintext"
+    );
 }
 
 #[test]
@@ -246,12 +363,20 @@ fn client_refuses_a_server_with_the_wrong_identity() {
     }
     let mesh = start(spec());
     // n1 now believes b1 runs as "imposter"; b1's ztunnel keeps presenting "b".
-    let state = mesh.state_yaml().replace("serviceAccount: b\n", "serviceAccount: imposter\n");
+    let state = mesh
+        .state_yaml()
+        .replace("serviceAccount: b\n", "serviceAccount: imposter\n");
     assert!(state.contains("imposter"));
     mesh.write_state("n1", &state).unwrap();
     eventually("n1 reloads its state", || {
         mesh.config_dump("n1")
-            .map(|d| d["workloads"].as_array().unwrap().iter().any(|w| w["serviceAccount"] == "imposter"))
+            .map(|d| {
+                d["workloads"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|w| w["serviceAccount"] == "imposter")
+            })
             .unwrap_or(false)
     });
     let (code, body) = get(&mesh, "client", &format!("http://{VIP_STR}/"), &[]);
@@ -264,14 +389,20 @@ fn client_refuses_a_server_with_the_wrong_identity() {
 }
 
 /// Dial b1's HBONE port from the outsider pod with the given client config.
-fn dial_hbone(mesh: &Mesh, cfg: std::sync::Arc<rustls::ClientConfig>) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+fn dial_hbone(
+    mesh: &Mesh,
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let b1 = mesh.topo.pod("b1").addr(15008);
-    let std = e2e::mesh::connect_from(mesh.topo.pod("outsider"), b1).map_err(std::io::Error::other)?;
+    let std =
+        e2e::mesh::connect_from(mesh.topo.pod("outsider"), b1).map_err(std::io::Error::other)?;
     std.set_nonblocking(true)?;
     mesh.runtime().block_on(async move {
         let tcp = tokio::net::TcpStream::from_std(std)?;
         let name = rustls::pki_types::ServerName::IpAddress(b1.ip().into());
-        let mut tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await?;
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await?;
         // TLS 1.3: the server's verdict on our certificate arrives after the
         // client's handshake completes; a read surfaces it.
         use tokio::io::AsyncWriteExt;
@@ -280,7 +411,10 @@ fn dial_hbone(mesh: &Mesh, cfg: std::sync::Arc<rustls::ClientConfig>) -> std::io
     })
 }
 
-fn workload_cert(ca: &mesh_core::ca::CertificateAuthority, id: &Identity) -> mesh_core::tls::WorkloadCertificate {
+fn workload_cert(
+    ca: &mesh_core::ca::CertificateAuthority,
+    id: &Identity,
+) -> mesh_core::tls::WorkloadCertificate {
     let (csr, key) = mesh_core::ca::generate_csr(id).unwrap();
     let chain = ca.sign_csr(&csr, id, Duration::from_secs(3600)).unwrap();
     let roots = chain.last().unwrap().clone();
@@ -289,7 +423,11 @@ fn workload_cert(ca: &mesh_core::ca::CertificateAuthority, id: &Identity) -> mes
 
 /// Send CONNECTs over one HBONE connection; returns each status (0: the
 /// connection failed).
-fn connect_statuses(mesh: &Mesh, tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>, reqs: Vec<(http::Method, String)>) -> Vec<u16> {
+fn connect_statuses(
+    mesh: &Mesh,
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    reqs: Vec<(http::Method, String)>,
+) -> Vec<u16> {
     mesh.runtime().block_on(async move {
         let Ok((mut client, conn)) = h2::client::handshake(tls).await else {
             return vec![0];
@@ -299,8 +437,17 @@ fn connect_statuses(mesh: &Mesh, tls: tokio_rustls::client::TlsStream<tokio::net
         });
         let mut out = Vec::new();
         for (method, authority) in reqs {
-            let uri = http::Uri::builder().scheme("https").authority(authority.as_str()).path_and_query("/").build().unwrap();
-            let mut req = http::Request::builder().method(method.clone()).uri(uri).body(()).unwrap();
+            let uri = http::Uri::builder()
+                .scheme("https")
+                .authority(authority.as_str())
+                .path_and_query("/")
+                .build()
+                .unwrap();
+            let mut req = http::Request::builder()
+                .method(method.clone())
+                .uri(uri)
+                .body(())
+                .unwrap();
             if method == http::Method::CONNECT {
                 *req.uri_mut() = authority.parse().unwrap();
             }
@@ -358,7 +505,9 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
     }
 }
 
-fn client_cfg(cert: Option<&mesh_core::tls::WorkloadCertificate>) -> std::sync::Arc<rustls::ClientConfig> {
+fn client_cfg(
+    cert: Option<&mesh_core::tls::WorkloadCertificate>,
+) -> std::sync::Arc<rustls::ClientConfig> {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let b = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -366,7 +515,9 @@ fn client_cfg(cert: Option<&mesh_core::tls::WorkloadCertificate>) -> std::sync::
         .dangerous()
         .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer(provider)));
     let mut cfg = match cert {
-        Some(c) => b.with_client_auth_cert(c.chain().to_vec(), c.private_key().clone_key()).unwrap(),
+        Some(c) => b
+            .with_client_auth_cert(c.chain().to_vec(), c.private_key().clone_key())
+            .unwrap(),
         None => b.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -376,7 +527,16 @@ fn client_cfg(cert: Option<&mesh_core::tls::WorkloadCertificate>) -> std::sync::
 /// Whether a CONNECT to b1's app succeeds with this client config.
 fn hbone_works(mesh: &Mesh, cfg: std::sync::Arc<rustls::ClientConfig>) -> bool {
     match dial_hbone(mesh, cfg) {
-        Ok(tls) => connect_statuses(mesh, tls, vec![(http::Method::CONNECT, mesh.topo.pod("b1").addr(8080).to_string())]) == vec![200],
+        Ok(tls) => {
+            connect_statuses(
+                mesh,
+                tls,
+                vec![(
+                    http::Method::CONNECT,
+                    mesh.topo.pod("b1").addr(8080).to_string(),
+                )],
+            ) == vec![200]
+        }
         Err(_) => false,
     }
 }
@@ -389,12 +549,31 @@ fn hbone_server_refuses_clients_without_a_mesh_certificate() {
     let mesh = start(spec());
     let me = Identity::new("cluster.local", "default", "outsider");
     let other = mesh_core::ca::CertificateAuthority::generate("cluster.local").unwrap();
-    assert!(!hbone_works(&mesh, client_cfg(Some(&workload_cert(&other, &me)))), "a certificate from a foreign root was accepted");
-    assert!(!hbone_works(&mesh, client_cfg(None)), "a client without a certificate was accepted");
+    assert!(
+        !hbone_works(&mesh, client_cfg(Some(&workload_cert(&other, &me)))),
+        "a certificate from a foreign root was accepted"
+    );
+    assert!(
+        !hbone_works(&mesh, client_cfg(None)),
+        "a client without a certificate was accepted"
+    );
     let other_td = Identity::new("evil.example", "default", "outsider");
-    assert!(!hbone_works(&mesh, client_cfg(Some(&workload_cert(&mesh.ca().unwrap(), &other_td)))), "a certificate of another trust domain was accepted");
+    assert!(
+        !hbone_works(
+            &mesh,
+            client_cfg(Some(&workload_cert(&mesh.ca().unwrap(), &other_td)))
+        ),
+        "a certificate of another trust domain was accepted"
+    );
     // A mesh certificate works, so the refusals above were about the certificate.
-    assert!(hbone_works(&mesh, client_cfg(Some(&workload_cert(&mesh.ca().unwrap(), &me)))), "{}", mesh.ztunnel_logs());
+    assert!(
+        hbone_works(
+            &mesh,
+            client_cfg(Some(&workload_cert(&mesh.ca().unwrap(), &me)))
+        ),
+        "{}",
+        mesh.ztunnel_logs()
+    );
 }
 
 #[test]
@@ -427,7 +606,12 @@ fn malformed_connects_get_errors_and_the_proxy_keeps_serving() {
             (http::Method::CONNECT, b1.addr(8080).to_string()),
         ],
     );
-    assert_eq!(statuses, vec![400, 400, 400, 400, 503, 200], "{}", mesh.ztunnel_logs());
+    assert_eq!(
+        statuses,
+        vec![400, 400, 400, 400, 503, 200],
+        "{}",
+        mesh.ztunnel_logs()
+    );
     // The ztunnel still serves ordinary traffic.
     let (code, body) = get(&mesh, "client", &format!("http://{VIP_STR}/after"), &[]);
     assert_eq!(code, 0, "{body}");
@@ -444,7 +628,8 @@ fn graceful_shutdown_lets_an_open_connection_finish() {
     let t = &mesh.topo;
     let vip: SocketAddr = format!("{VIP_STR}:9001").parse().unwrap();
     let conn = e2e::mesh::connect_from(t.pod("client"), vip).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut w = conn.try_clone().unwrap();
     let mut r = BufReader::new(conn);
     let mut line = String::new();
@@ -456,7 +641,12 @@ fn graceful_shutdown_lets_an_open_connection_finish() {
     z.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     eventually("drain starts", || z.stdout().contains("draining"));
     // New connections are no longer accepted...
-    let (code, _) = get(&mesh, "client", &format!("http://{VIP_STR}/new"), &["--connect-timeout", "2"]);
+    let (code, _) = get(
+        &mesh,
+        "client",
+        &format!("http://{VIP_STR}/new"),
+        &["--connect-timeout", "2"],
+    );
     assert_ne!(code, 0, "a new connection was accepted while draining");
     // ...while the open one keeps working.
     line.clear();
@@ -466,7 +656,66 @@ fn graceful_shutdown_lets_an_open_connection_finish() {
     assert!(z.is_running(), "ztunnel must wait for the open connection");
     drop(w);
     drop(r);
-    let status = z.wait_timeout(Duration::from_secs(25)).unwrap().expect("ztunnel exits once the connection closed");
+    let status = z
+        .wait_timeout(Duration::from_secs(25))
+        .unwrap()
+        .expect("ztunnel exits once the connection closed");
     assert!(status.success(), "exit status {status:?}\n{}", z.stdout());
     assert!(z.stdout().contains("drained"), "{}", z.stdout());
+}
+
+#[test]
+fn pod_removed_by_the_agent_is_no_longer_served() {
+    if !root_or_skip() {
+        return;
+    }
+    let mesh = start(spec().ztunnel_env("CONNECT_TIMEOUT", "2s"));
+    let t = &mesh.topo;
+    let url = format!("http://{}:8080/", t.pod("b2").ip());
+    let (code, _) = get(&mesh, "client", &url, &[]);
+    assert_eq!(code, 0, "b2 reachable before removal");
+    mesh.remove_pod("b2").unwrap();
+    let dump = mesh.config_dump("n1").unwrap();
+    assert!(
+        !dump["workloadState"]
+            .as_object()
+            .unwrap()
+            .contains_key(&e2e::mesh::uid("b2")),
+        "{}",
+        dump["workloadState"]
+    );
+    // b2's own outbound capture has no listener any more: its traffic is
+    // refused, never sent around the mesh.
+    let (code, _) = get(
+        &mesh,
+        "b2",
+        &format!("http://{}:8080/", t.pod("b1").ip()),
+        &["--connect-timeout", "3"],
+    );
+    assert_ne!(code, 0, "a removed pod's traffic went out");
+    // And nothing answers HBONE for it: the client's connection fails.
+    let (code, body) = get(
+        &mesh,
+        "client",
+        &url,
+        &["--connect-timeout", "3", "-m", "8"],
+    );
+    assert_ne!(code, 0, "removed pod still served: {body}");
+    // The other pods of the node are untouched.
+    let (code, body) = get(&mesh, "client", &format!("http://{VIP_STR}/"), &[]);
+    assert_eq!(code, 0, "{body}");
+}
+
+#[test]
+fn restarted_ztunnel_gets_the_snapshot_again() {
+    if !root_or_skip() {
+        return;
+    }
+    let mesh = start(spec());
+    let z = mesh.ztunnel("n2").unwrap();
+    mesh.restart_ztunnel("n2").unwrap();
+    assert!(!z.is_running(), "old ztunnel stopped");
+    let (code, body) = get(&mesh, "client", &format!("http://{VIP_STR}/again"), &[]);
+    assert_eq!(code, 0, "{body}\n{}", mesh.ztunnel_logs());
+    assert_eq!(body["server"], "b1");
 }

@@ -74,11 +74,18 @@ impl AdminState {
         let text = |code: StatusCode, body: String, ctype: &'static str| {
             let mut r = Response::new(Full::new(Bytes::from(body)));
             *r.status_mut() = code;
-            r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(ctype),
+            );
             r
         };
         if req.method() != Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into(), "text/plain");
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET\n".into(),
+                "text/plain",
+            );
         }
         match (which, req.uri().path()) {
             (Endpoint::Admin, "/config_dump") => {
@@ -89,7 +96,11 @@ impl AdminState {
                 if self.ready.is_ready() {
                     text(StatusCode::OK, "ready\n".into(), "text/plain")
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", self.ready.pending().join(", ")), "text/plain")
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {}\n", self.ready.pending().join(", ")),
+                        "text/plain",
+                    )
                 }
             }
             (Endpoint::Stats | Endpoint::Admin, "/metrics" | "/stats/prometheus") => text(
@@ -97,14 +108,23 @@ impl AdminState {
                 self.metrics.encode(),
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             ),
-            (Endpoint::Admin, "/") => text(StatusCode::OK, "/config_dump\n/healthz/ready\n/metrics\n".into(), "text/plain"),
+            (Endpoint::Admin, "/") => text(
+                StatusCode::OK,
+                "/config_dump\n/healthz/ready\n/metrics\n".into(),
+                "text/plain",
+            ),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
         }
     }
 }
 
 /// Serve one endpoint until the drain starts.
-pub async fn serve(listener: tokio::net::TcpListener, which: Endpoint, st: AdminState, drain: drain::Watch) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    which: Endpoint,
+    st: AdminState,
+    drain: drain::Watch,
+) {
     loop {
         let (stream, _peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
             a = listener.accept() => match a {
@@ -124,7 +144,10 @@ pub async fn serve(listener: tokio::net::TcpListener, which: Endpoint, st: Admin
                 async move { Ok::<_, Infallible>(resp) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
                 tracing::debug!(error = %e, "admin connection error");
             }
         });

@@ -66,6 +66,8 @@ pub struct Config {
     pub stats_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub drain_timeout: Duration,
+    /// Bound on establishing an upstream TCP connection.
+    pub connect_timeout: Duration,
     pub cert_ttl: Duration,
     /// Outbound HBONE connections idle this long are closed.
     pub pool_idle_timeout: Duration,
@@ -73,7 +75,11 @@ pub struct Config {
     pub pool_max_streams: usize,
 }
 
-fn parse<T: std::str::FromStr>(env: &dyn Env, name: &'static str, default: T) -> Result<T, ConfigError>
+fn parse<T: std::str::FromStr>(
+    env: &dyn Env,
+    name: &'static str,
+    default: T,
+) -> Result<T, ConfigError>
 where
     T::Err: std::fmt::Display,
 {
@@ -161,6 +167,7 @@ impl Config {
                 SocketAddr::from(([0, 0, 0, 0], 15021)),
             )?,
             drain_timeout: seconds(env, "DRAIN_TIMEOUT", Duration::from_secs(5))?,
+            connect_timeout: seconds(env, "CONNECT_TIMEOUT", Duration::from_secs(10))?,
             cert_ttl: seconds(env, "WORKLOAD_CERT_TTL", Duration::from_secs(24 * 3600))?,
             pool_idle_timeout: seconds(env, "POOL_IDLE_TIMEOUT", Duration::from_secs(300))?,
             pool_max_streams,

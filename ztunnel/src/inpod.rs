@@ -48,7 +48,10 @@ pub struct PodRegistry {
 
 impl PodRegistry {
     pub fn snapshot(&self) -> BTreeMap<String, PodState> {
-        self.lock().iter().map(|(k, v)| (k.clone(), v.info.clone())).collect()
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.info.clone()))
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -92,7 +95,9 @@ impl InpodManager {
             };
             match res {
                 Ok(()) => backoff = Duration::from_millis(100),
-                Err(e) => tracing::warn!(error = %e, socket = %self.path.display(), "zds connection lost; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %e, socket = %self.path.display(), "zds connection lost; retrying")
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -123,7 +128,10 @@ impl InpodManager {
                     if self.registry.lock().contains_key(&uid) {
                         Ok(())
                     } else {
-                        Err(InpodError::Pod { uid, reason: "asked to keep a pod this ztunnel does not have".into() })
+                        Err(InpodError::Pod {
+                            uid,
+                            reason: "asked to keep a pod this ztunnel does not have".into(),
+                        })
                     }
                 }
                 WorkloadEvent::Del { uid } => {
@@ -132,7 +140,13 @@ impl InpodManager {
                     Ok(())
                 }
                 WorkloadEvent::SnapshotSent => {
-                    let stale: Vec<String> = self.registry.lock().keys().filter(|k| !seen.contains(*k)).cloned().collect();
+                    let stale: Vec<String> = self
+                        .registry
+                        .lock()
+                        .keys()
+                        .filter(|k| !seen.contains(*k))
+                        .cloned()
+                        .collect();
                     for uid in stale {
                         self.registry.remove(&uid);
                     }
@@ -150,9 +164,18 @@ impl InpodManager {
         }
     }
 
-    async fn add(&self, uid: String, info: Option<mesh_core::proto::zds::WorkloadInfo>, netns: OwnedFd) -> Result<(), InpodError> {
-        let err = |reason: String| InpodError::Pod { uid: uid.clone(), reason };
-        let netns = Netns::new(netns, self.home.clone()).map_err(|e| err(format!("bad network namespace descriptor: {e}")))?;
+    async fn add(
+        &self,
+        uid: String,
+        info: Option<mesh_core::proto::zds::WorkloadInfo>,
+        netns: OwnedFd,
+    ) -> Result<(), InpodError> {
+        let err = |reason: String| InpodError::Pod {
+            uid: uid.clone(),
+            reason,
+        };
+        let netns = Netns::new(netns, self.home.clone())
+            .map_err(|e| err(format!("bad network namespace descriptor: {e}")))?;
         if let Some(existing) = self.registry.lock().get(&uid) {
             if existing.inode == netns.inode() {
                 return Ok(());
@@ -162,25 +185,63 @@ impl InpodManager {
         self.registry.remove(&uid);
         let state_wl = self.inputs.state.workload_by_uid(&uid);
         let (name, namespace, sa) = match (&info, &state_wl) {
-            (Some(i), _) if !i.namespace.is_empty() => (i.name.clone(), i.namespace.clone(), if i.service_account.is_empty() { "default".into() } else { i.service_account.clone() }),
-            (_, Some(w)) => (w.name.clone(), w.namespace.clone(), w.service_account.clone()),
-            _ => return Err(err("no workload info and not in the mesh state: identity unknown".into())),
+            (Some(i), _) if !i.namespace.is_empty() => (
+                i.name.clone(),
+                i.namespace.clone(),
+                if i.service_account.is_empty() {
+                    "default".into()
+                } else {
+                    i.service_account.clone()
+                },
+            ),
+            (_, Some(w)) => (
+                w.name.clone(),
+                w.namespace.clone(),
+                w.service_account.clone(),
+            ),
+            _ => {
+                return Err(err(
+                    "no workload info and not in the mesh state: identity unknown".into(),
+                ))
+            }
         };
-        let td = state_wl.as_ref().map(|w| w.trust_domain.clone()).unwrap_or_else(|| self.inputs.cfg.trust_domain.clone());
+        let td = state_wl
+            .as_ref()
+            .map(|w| w.trust_domain.clone())
+            .unwrap_or_else(|| self.inputs.cfg.trust_domain.clone());
         let identity = Identity::new(&td, &namespace, &sa);
         // Certificates are fetched ahead so the first connection does not wait.
         self.inputs.certs.prefetch(&identity);
-        let pod = Arc::new(Pod { uid: uid.clone(), name: name.clone(), namespace: namespace.clone(), identity, netns: netns.clone() });
+        let pod = Arc::new(Pod::new(
+            uid.clone(),
+            name.clone(),
+            namespace.clone(),
+            identity,
+            netns.clone(),
+        ));
         let stop = CancellationToken::new();
         // Bind synchronously so the ack means "listening".
-        let listeners = proxy::bind_pod(&pod).map_err(|e| err(format!("opening listeners in the pod: {e}")))?;
-        tokio::spawn(proxy::serve_pod(self.inputs.clone(), pod, listeners, stop.clone(), self.drain.clone()));
+        let listeners =
+            proxy::bind_pod(&pod).map_err(|e| err(format!("opening listeners in the pod: {e}")))?;
+        tokio::spawn(proxy::serve_pod(
+            self.inputs.clone(),
+            pod,
+            listeners,
+            stop.clone(),
+            self.drain.clone(),
+        ));
         self.registry.lock().insert(
             uid.clone(),
             Running {
                 stop,
                 inode: netns.inode(),
-                info: PodState { name, namespace, service_account: sa, netns_inode: netns.inode(), state: "Up" },
+                info: PodState {
+                    name,
+                    namespace,
+                    service_account: sa,
+                    netns_inode: netns.inode(),
+                    state: "Up",
+                },
             },
         );
         tracing::info!(uid, "pod added");

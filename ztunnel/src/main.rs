@@ -10,9 +10,12 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cfg = ztunnel::config::Config::from_env(&ztunnel::config::ProcessEnv).context("configuration")?;
+    let cfg =
+        ztunnel::config::Config::from_env(&ztunnel::config::ProcessEnv).context("configuration")?;
     let deadline = cfg.drain_timeout;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let (trigger, watch) = mesh_core::drain::new();
         let _app = ztunnel::start(cfg, watch).await?;

@@ -104,23 +104,35 @@ impl TcpLabels {
             source_workload: source.map(wl_name).unwrap_or_else(|| UNKNOWN.into()),
             source_canonical_service: source.map(canonical).unwrap_or_else(|| UNKNOWN.into()),
             source_canonical_revision: source.map(revision).unwrap_or_else(|| UNKNOWN.into()),
-            source_workload_namespace: source.map(|w| or_unknown(&w.namespace)).unwrap_or_else(|| UNKNOWN.into()),
+            source_workload_namespace: source
+                .map(|w| or_unknown(&w.namespace))
+                .unwrap_or_else(|| UNKNOWN.into()),
             source_principal: source_principal
                 .or_else(|| source.map(|w| w.identity().to_string()))
                 .unwrap_or_else(|| UNKNOWN.into()),
             source_app: source.map(canonical).unwrap_or_else(|| UNKNOWN.into()),
             source_version: source.map(revision).unwrap_or_else(|| UNKNOWN.into()),
-            source_cluster: source.map(|w| or_unknown(&w.cluster_id)).unwrap_or_else(|| UNKNOWN.into()),
+            source_cluster: source
+                .map(|w| or_unknown(&w.cluster_id))
+                .unwrap_or_else(|| UNKNOWN.into()),
             destination_service: service.map(|s| s.hostname.clone()).unwrap_or_else(|| {
-                destination.map(|w| or_unknown(&w.hostname)).unwrap_or_else(|| UNKNOWN.into())
+                destination
+                    .map(|w| or_unknown(&w.hostname))
+                    .unwrap_or_else(|| UNKNOWN.into())
             }),
             destination_service_namespace: service
                 .map(|s| s.namespace.clone())
                 .unwrap_or_else(|| UNKNOWN.into()),
-            destination_service_name: service.map(|s| s.name.clone()).unwrap_or_else(|| UNKNOWN.into()),
+            destination_service_name: service
+                .map(|s| s.name.clone())
+                .unwrap_or_else(|| UNKNOWN.into()),
             destination_workload: destination.map(wl_name).unwrap_or_else(|| UNKNOWN.into()),
-            destination_canonical_service: destination.map(canonical).unwrap_or_else(|| UNKNOWN.into()),
-            destination_canonical_revision: destination.map(revision).unwrap_or_else(|| UNKNOWN.into()),
+            destination_canonical_service: destination
+                .map(canonical)
+                .unwrap_or_else(|| UNKNOWN.into()),
+            destination_canonical_revision: destination
+                .map(revision)
+                .unwrap_or_else(|| UNKNOWN.into()),
             destination_workload_namespace: destination
                 .map(|w| or_unknown(&w.namespace))
                 .unwrap_or_else(|| UNKNOWN.into()),
@@ -130,7 +142,9 @@ impl TcpLabels {
                 .unwrap_or_else(|| UNKNOWN.into()),
             destination_app: destination.map(canonical).unwrap_or_else(|| UNKNOWN.into()),
             destination_version: destination.map(revision).unwrap_or_else(|| UNKNOWN.into()),
-            destination_cluster: destination.map(|w| or_unknown(&w.cluster_id)).unwrap_or_else(|| UNKNOWN.into()),
+            destination_cluster: destination
+                .map(|w| or_unknown(&w.cluster_id))
+                .unwrap_or_else(|| UNKNOWN.into()),
             request_protocol: "tcp".into(),
             response_flags: "-".into(),
             connection_security_policy: security,
@@ -237,7 +251,14 @@ mod tests {
         {
             let r = ConnectionRecorder::start(
                 m.clone(),
-                TcpLabels::new(Reporter::source, None, None, None, None, SecurityPolicy::mutual_tls),
+                TcpLabels::new(
+                    Reporter::source,
+                    None,
+                    None,
+                    None,
+                    None,
+                    SecurityPolicy::mutual_tls,
+                ),
             );
             r.received(10);
             r.sent(20);

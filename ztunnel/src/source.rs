@@ -97,7 +97,9 @@ impl LocalFileSource {
                     ready.take();
                 }
                 Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "local config not applied; keeping the last good state"),
+                Err(e) => {
+                    tracing::error!(error = %e, "local config not applied; keeping the last good state")
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
@@ -132,10 +134,17 @@ addresses:
         assert!(src.poll_once().unwrap());
         assert!(!src.poll_once().unwrap());
         assert_eq!(state.counts().0, 1);
-        std::fs::write(&path, "addresses: [ {workload: {uid: 3, tunnelProtocol: NOPE}} ]").unwrap();
+        std::fs::write(
+            &path,
+            "addresses: [ {workload: {uid: 3, tunnelProtocol: NOPE}} ]",
+        )
+        .unwrap();
         let err = src.poll_once().unwrap_err().to_string();
         assert!(err.contains("state.yaml"), "{err}");
-        assert!(state.workload_by_uid("w1").is_some(), "last good state must keep serving");
+        assert!(
+            state.workload_by_uid("w1").is_some(),
+            "last good state must keep serving"
+        );
         std::fs::write(&path, GOOD.replace("w1", "w2")).unwrap();
         assert!(src.poll_once().unwrap());
         assert!(state.workload_by_uid("w2").is_some());

@@ -29,7 +29,12 @@ pub enum StateError {
     },
 }
 
-fn invalid(kind: &'static str, name: &str, field: impl Into<String>, reason: impl Into<String>) -> StateError {
+fn invalid(
+    kind: &'static str,
+    name: &str,
+    field: impl Into<String>,
+    reason: impl Into<String>,
+) -> StateError {
     StateError::Invalid {
         kind,
         name: name.to_string(),
@@ -130,7 +135,9 @@ impl Upstream {
                 match san.parse::<Identity>() {
                     Ok(id) if !ids.contains(&id) => ids.push(id),
                     Ok(_) => {}
-                    Err(e) => tracing::debug!(service = %svc.hostname, san, error = %e, "ignoring non-SPIFFE subject alt name"),
+                    Err(e) => {
+                        tracing::debug!(service = %svc.hostname, san, error = %e, "ignoring non-SPIFFE subject alt name")
+                    }
                 }
             }
         }
@@ -192,12 +199,22 @@ impl Snapshot {
                     Ok(s) => snap.services.push(s),
                     Err(e) => errors.push(e),
                 },
-                None => errors.push(invalid("address", &format!("addresses[{i}]"), "type", "neither workload nor service")),
+                None => errors.push(invalid(
+                    "address",
+                    &format!("addresses[{i}]"),
+                    "type",
+                    "neither workload nor service",
+                )),
             }
         }
         for a in authorizations {
             if a.name.is_empty() {
-                errors.push(invalid("authorization", &format!("{}/", a.namespace), "name", "empty"));
+                errors.push(invalid(
+                    "authorization",
+                    &format!("{}/", a.namespace),
+                    "name",
+                    "empty",
+                ));
             } else {
                 snap.policies.push(a.clone());
             }
@@ -222,13 +239,26 @@ fn port(kind: &'static str, name: &str, field: String, v: u32) -> Result<u16, St
     u16::try_from(v).map_err(|_| invalid(kind, name, field, format!("{v} is not a port")))
 }
 
-fn gateway(kind: &'static str, name: &str, field: &str, g: &Option<pb::GatewayAddress>) -> Result<Option<GatewayAddress>, StateError> {
+fn gateway(
+    kind: &'static str,
+    name: &str,
+    field: &str,
+    g: &Option<pb::GatewayAddress>,
+) -> Result<Option<GatewayAddress>, StateError> {
     let Some(g) = g else { return Ok(None) };
     let destination = match &g.destination {
-        Some(pb::gateway_address::Destination::Hostname(h)) => format!("{}/{}", h.namespace, h.hostname),
+        Some(pb::gateway_address::Destination::Hostname(h)) => {
+            format!("{}/{}", h.namespace, h.hostname)
+        }
         Some(pb::gateway_address::Destination::Address(a)) => {
-            let ip = ip_from_bytes(&a.address)
-                .ok_or_else(|| invalid(kind, name, format!("{field}.address.address"), "not an IPv4 or IPv6 address"))?;
+            let ip = ip_from_bytes(&a.address).ok_or_else(|| {
+                invalid(
+                    kind,
+                    name,
+                    format!("{field}.address.address"),
+                    "not an IPv4 or IPv6 address",
+                )
+            })?;
             format!("{}/{}", a.network, ip)
         }
         None => return Err(invalid(kind, name, field, "no destination")),
@@ -241,44 +271,103 @@ fn gateway(kind: &'static str, name: &str, field: &str, g: &Option<pb::GatewayAd
 
 pub fn convert_workload(w: &pb::Workload) -> Result<Workload, StateError> {
     const K: &str = "workload";
-    let name = if w.uid.is_empty() { format!("{}/{}", w.namespace, w.name) } else { w.uid.clone() };
+    let name = if w.uid.is_empty() {
+        format!("{}/{}", w.namespace, w.name)
+    } else {
+        w.uid.clone()
+    };
     if w.uid.is_empty() {
         return Err(invalid(K, &name, "uid", "empty"));
     }
     let mut ips = Vec::new();
     for (i, a) in w.addresses.iter().enumerate() {
-        ips.push(ip_from_bytes(a).ok_or_else(|| invalid(K, &name, format!("addresses[{i}]"), format!("{} bytes is not an IPv4 or IPv6 address", a.len())))?);
+        ips.push(ip_from_bytes(a).ok_or_else(|| {
+            invalid(
+                K,
+                &name,
+                format!("addresses[{i}]"),
+                format!("{} bytes is not an IPv4 or IPv6 address", a.len()),
+            )
+        })?);
     }
     let protocol = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
         Ok(pb::TunnelProtocol::Hbone) => Protocol::Hbone,
         Ok(pb::TunnelProtocol::None) => Protocol::Tcp,
-        Ok(other) => return Err(invalid(K, &name, "tunnelProtocol", format!("{other:?} is not supported"))),
-        Err(_) => return Err(invalid(K, &name, "tunnelProtocol", format!("unknown value {}", w.tunnel_protocol))),
+        Ok(other) => {
+            return Err(invalid(
+                K,
+                &name,
+                "tunnelProtocol",
+                format!("{other:?} is not supported"),
+            ))
+        }
+        Err(_) => {
+            return Err(invalid(
+                K,
+                &name,
+                "tunnelProtocol",
+                format!("unknown value {}", w.tunnel_protocol),
+            ))
+        }
     };
     let status = match pb::WorkloadStatus::try_from(w.status) {
         Ok(pb::WorkloadStatus::Healthy) => HealthStatus::Healthy,
         Ok(pb::WorkloadStatus::Unhealthy) => HealthStatus::Unhealthy,
-        Err(_) => return Err(invalid(K, &name, "status", format!("unknown value {}", w.status))),
+        Err(_) => {
+            return Err(invalid(
+                K,
+                &name,
+                "status",
+                format!("unknown value {}", w.status),
+            ))
+        }
     };
     let workload_type = match pb::WorkloadType::try_from(w.workload_type) {
         Ok(pb::WorkloadType::Deployment) => "deployment",
         Ok(pb::WorkloadType::Cronjob) => "cronjob",
         Ok(pb::WorkloadType::Pod) => "pod",
         Ok(pb::WorkloadType::Job) => "job",
-        Err(_) => return Err(invalid(K, &name, "workloadType", format!("unknown value {}", w.workload_type))),
+        Err(_) => {
+            return Err(invalid(
+                K,
+                &name,
+                "workloadType",
+                format!("unknown value {}", w.workload_type),
+            ))
+        }
     };
     if protocol == Protocol::Hbone && (w.namespace.is_empty() || w.service_account.is_empty()) {
-        return Err(invalid(K, &name, "serviceAccount", "an HBONE workload needs a namespace and service account for its identity"));
+        return Err(invalid(
+            K,
+            &name,
+            "serviceAccount",
+            "an HBONE workload needs a namespace and service account for its identity",
+        ));
     }
     let mut services = BTreeMap::new();
     for (key, list) in &w.services {
         if !key.contains('/') {
-            return Err(invalid(K, &name, format!("services[{key}]"), "key must be <namespace>/<hostname>"));
+            return Err(invalid(
+                K,
+                &name,
+                format!("services[{key}]"),
+                "key must be <namespace>/<hostname>",
+            ));
         }
         let mut ports = BTreeMap::new();
         for (i, p) in list.ports.iter().enumerate() {
-            let sp = port(K, &name, format!("services[{key}].ports[{i}].servicePort"), p.service_port)?;
-            let tp = port(K, &name, format!("services[{key}].ports[{i}].targetPort"), p.target_port)?;
+            let sp = port(
+                K,
+                &name,
+                format!("services[{key}].ports[{i}].servicePort"),
+                p.service_port,
+            )?;
+            let tp = port(
+                K,
+                &name,
+                format!("services[{key}].ports[{i}].targetPort"),
+                p.target_port,
+            )?;
             ports.insert(sp, tp);
         }
         services.insert(key.clone(), ports);
@@ -287,8 +376,16 @@ pub fn convert_workload(w: &pb::Workload) -> Result<Workload, StateError> {
         uid: w.uid.clone(),
         name: w.name.clone(),
         namespace: w.namespace.clone(),
-        service_account: if w.service_account.is_empty() { "default".into() } else { w.service_account.clone() },
-        trust_domain: if w.trust_domain.is_empty() { "cluster.local".into() } else { w.trust_domain.clone() },
+        service_account: if w.service_account.is_empty() {
+            "default".into()
+        } else {
+            w.service_account.clone()
+        },
+        trust_domain: if w.trust_domain.is_empty() {
+            "cluster.local".into()
+        } else {
+            w.trust_domain.clone()
+        },
         node: w.node.clone(),
         network: w.network.clone(),
         ips,
@@ -315,14 +412,26 @@ pub fn convert_service(s: &pb::Service) -> Result<Service, StateError> {
     }
     let mut vips = Vec::new();
     for (i, a) in s.addresses.iter().enumerate() {
-        let ip = ip_from_bytes(&a.address).ok_or_else(|| invalid(K, &name, format!("addresses[{i}].address"), "not an IPv4 or IPv6 address"))?;
+        let ip = ip_from_bytes(&a.address).ok_or_else(|| {
+            invalid(
+                K,
+                &name,
+                format!("addresses[{i}].address"),
+                "not an IPv4 or IPv6 address",
+            )
+        })?;
         vips.push((a.network.clone(), ip));
     }
     let mut ports = BTreeMap::new();
     for (i, p) in s.ports.iter().enumerate() {
         let sp = port(K, &name, format!("ports[{i}].servicePort"), p.service_port)?;
         if sp == 0 {
-            return Err(invalid(K, &name, format!("ports[{i}].servicePort"), "must not be 0"));
+            return Err(invalid(
+                K,
+                &name,
+                format!("ports[{i}].servicePort"),
+                "must not be 0",
+            ));
         }
         let tp = port(K, &name, format!("ports[{i}].targetPort"), p.target_port)?;
         ports.insert(sp, tp);
@@ -363,7 +472,8 @@ impl ProxyState {
             next.services.insert(s.key(), Arc::new(s));
         }
         for p in snap.policies {
-            next.policies.insert(format!("{}/{}", p.namespace, p.name), p);
+            next.policies
+                .insert(format!("{}/{}", p.namespace, p.name), p);
         }
         *self.inner.write().unwrap_or_else(|e| e.into_inner()) = next;
     }
@@ -400,31 +510,58 @@ impl ProxyState {
                 return Resolution::Passthrough;
             };
             let Some(&svc_target) = svc.ports.get(&dst.port()) else {
-                return Resolution::NoHealthyEndpoint { service: svc.hostname.clone(), port: dst.port() };
+                return Resolution::NoHealthyEndpoint {
+                    service: svc.hostname.clone(),
+                    port: dst.port(),
+                };
             };
             let healthy: Vec<Arc<Workload>> = Self::endpoints(&inner, key)
                 .into_iter()
                 .filter(|w| w.status == HealthStatus::Healthy && !w.ips.is_empty())
                 .collect();
             if healthy.is_empty() {
-                return Resolution::NoHealthyEndpoint { service: svc.hostname.clone(), port: dst.port() };
+                return Resolution::NoHealthyEndpoint {
+                    service: svc.hostname.clone(),
+                    port: dst.port(),
+                };
             }
             let pick = self.rr.fetch_add(1, Ordering::Relaxed) % healthy.len();
             let wl = healthy[pick].clone();
-            let target = match wl.services.get(key).and_then(|p| p.get(&dst.port())).copied() {
+            let target = match wl
+                .services
+                .get(key)
+                .and_then(|p| p.get(&dst.port()))
+                .copied()
+            {
                 Some(t) if t != 0 => t,
                 _ if svc_target != 0 => svc_target,
                 _ => dst.port(),
             };
-            let ip = wl.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).or(wl.ips.first()).copied();
+            let ip = wl
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+                .or(wl.ips.first())
+                .copied();
             let Some(ip) = ip else {
-                return Resolution::NoHealthyEndpoint { service: svc.hostname.clone(), port: dst.port() };
+                return Resolution::NoHealthyEndpoint {
+                    service: svc.hostname.clone(),
+                    port: dst.port(),
+                };
             };
-            return Resolution::Upstream(Upstream { workload: wl, addr: SocketAddr::new(ip, target), service: Some(svc) });
+            return Resolution::Upstream(Upstream {
+                workload: wl,
+                addr: SocketAddr::new(ip, target),
+                service: Some(svc),
+            });
         }
         if let Some(uid) = inner.by_ip.get(&(network.to_string(), dst.ip())) {
             if let Some(wl) = inner.workloads.get(uid) {
-                return Resolution::Upstream(Upstream { workload: wl.clone(), addr: dst, service: None });
+                return Resolution::Upstream(Upstream {
+                    workload: wl.clone(),
+                    addr: dst,
+                    service: None,
+                });
             }
         }
         Resolution::Passthrough
@@ -433,15 +570,25 @@ impl ProxyState {
     /// The services a workload is an endpoint of.
     pub fn services_of(&self, w: &Workload) -> Vec<Arc<Service>> {
         let inner = self.read();
-        w.services.keys().filter_map(|k| inner.services.get(k).cloned()).collect()
+        w.services
+            .keys()
+            .filter_map(|k| inner.services.get(k).cloned())
+            .collect()
     }
 
     /// The JSON the admin endpoint serves (`/config_dump`), in the shape
     /// `istioctl ztunnel-config` reads.
-    pub fn dump(&self) -> (Vec<serde_json::Value>, Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    pub fn dump(
+        &self,
+    ) -> (
+        Vec<serde_json::Value>,
+        Vec<serde_json::Value>,
+        Vec<serde_json::Value>,
+    ) {
         let inner = self.read();
         let mut workloads: Vec<&Arc<Workload>> = inner.workloads.values().collect();
-        workloads.sort_by(|a, b| (&a.namespace, &a.name, &a.uid).cmp(&(&b.namespace, &b.name, &b.uid)));
+        workloads
+            .sort_by(|a, b| (&a.namespace, &a.name, &a.uid).cmp(&(&b.namespace, &b.name, &b.uid)));
         let workloads = workloads
             .into_iter()
             .map(|w| {
@@ -521,7 +668,11 @@ impl ProxyState {
     /// Counts for logs and readiness.
     pub fn counts(&self) -> (usize, usize, usize) {
         let inner = self.read();
-        (inner.workloads.len(), inner.services.len(), inner.policies.len())
+        (
+            inner.workloads.len(),
+            inner.services.len(),
+            inner.policies.len(),
+        )
     }
 
     /// Uids known to the state.
@@ -537,7 +688,16 @@ mod tests {
     fn wl(uid: &str, ip: [u8; 4], svc: Option<(&str, u32, u32)>, healthy: bool) -> pb::Address {
         let mut services = HashMap::new();
         if let Some((key, sp, tp)) = svc {
-            services.insert(key.to_string(), pb::PortList { ports: vec![pb::Port { service_port: sp, target_port: tp, ..Default::default() }] });
+            services.insert(
+                key.to_string(),
+                pb::PortList {
+                    ports: vec![pb::Port {
+                        service_port: sp,
+                        target_port: tp,
+                        ..Default::default()
+                    }],
+                },
+            );
         }
         pb::Address {
             r#type: Some(pb::address::Type::Workload(pb::Workload {
@@ -546,7 +706,7 @@ mod tests {
                 namespace: "default".into(),
                 service_account: "sa".into(),
                 trust_domain: "cluster.local".into(),
-                addresses: vec![ip.to_vec().into()],
+                addresses: vec![ip.to_vec()],
                 tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
                 status: if healthy { 0 } else { 1 },
                 services,
@@ -561,8 +721,16 @@ mod tests {
                 name: host.split('.').next().unwrap().into(),
                 namespace: "default".into(),
                 hostname: host.into(),
-                addresses: vec![pb::NetworkAddress { network: String::new(), address: vip.to_vec().into(), ..Default::default() }],
-                ports: vec![pb::Port { service_port: port, target_port: target, ..Default::default() }],
+                addresses: vec![pb::NetworkAddress {
+                    network: String::new(),
+                    address: vip.to_vec(),
+                    ..Default::default()
+                }],
+                ports: vec![pb::Port {
+                    service_port: port,
+                    target_port: target,
+                    ..Default::default()
+                }],
                 ..Default::default()
             })),
         }
@@ -597,7 +765,10 @@ mod tests {
             }
         }
         // b1 uses the service's target port, b2 its own; b3 is unhealthy.
-        let want: HashSet<String> = ["10.244.1.2:8080", "10.244.2.2:9090"].iter().map(|s| s.to_string()).collect();
+        let want: HashSet<String> = ["10.244.1.2:8080", "10.244.2.2:9090"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(seen, want);
     }
 
@@ -608,19 +779,33 @@ mod tests {
             svc("c.default.svc.cluster.local", [10, 96, 0, 11], 80, 8080),
             wl("b1", [10, 244, 1, 2], Some((KEY, 80, 0)), true),
         ]);
-        assert!(matches!(s.resolve("", "10.244.1.2:1234".parse().unwrap()), Resolution::Upstream(u) if u.addr.port() == 1234 && u.service.is_none()));
-        assert!(matches!(s.resolve("", "192.0.2.1:80".parse().unwrap()), Resolution::Passthrough));
-        assert!(matches!(s.resolve("", "10.96.0.11:80".parse().unwrap()), Resolution::NoHealthyEndpoint { .. }));
-        assert!(matches!(s.resolve("", "10.96.0.10:81".parse().unwrap()), Resolution::NoHealthyEndpoint { .. }));
+        assert!(
+            matches!(s.resolve("", "10.244.1.2:1234".parse().unwrap()), Resolution::Upstream(u) if u.addr.port() == 1234 && u.service.is_none())
+        );
+        assert!(matches!(
+            s.resolve("", "192.0.2.1:80".parse().unwrap()),
+            Resolution::Passthrough
+        ));
+        assert!(matches!(
+            s.resolve("", "10.96.0.11:80".parse().unwrap()),
+            Resolution::NoHealthyEndpoint { .. }
+        ));
+        assert!(matches!(
+            s.resolve("", "10.96.0.10:81".parse().unwrap()),
+            Resolution::NoHealthyEndpoint { .. }
+        ));
         // Another network does not see these addresses.
-        assert!(matches!(s.resolve("net2", "10.244.1.2:80".parse().unwrap()), Resolution::Passthrough));
+        assert!(matches!(
+            s.resolve("net2", "10.244.1.2:80".parse().unwrap()),
+            Resolution::Passthrough
+        ));
     }
 
     #[test]
     fn invalid_resources_name_the_field_and_keep_the_rest() {
         let mut bad = wl("bad", [10, 0, 0, 1], None, true);
         if let Some(pb::address::Type::Workload(w)) = &mut bad.r#type {
-            w.addresses = vec![vec![1, 2, 3].into()];
+            w.addresses = vec![vec![1, 2, 3]];
         }
         let mut bad_port = svc("x.default.svc.cluster.local", [10, 96, 0, 1], 80, 70000);
         if let Some(pb::address::Type::Service(s)) = &mut bad_port.r#type {
@@ -630,19 +815,43 @@ mod tests {
         let (snap, errs) = Snapshot::from_resources(&[bad, bad_port, good], &[]);
         assert_eq!(snap.workloads.len(), 1);
         let msgs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-        assert_eq!(msgs[0], "workload bad: field addresses[0]: 3 bytes is not an IPv4 or IPv6 address");
-        assert!(msgs[1].starts_with("service default/x.default.svc.cluster.local: field ports[0].targetPort"), "{}", msgs[1]);
+        assert_eq!(
+            msgs[0],
+            "workload bad: field addresses[0]: 3 bytes is not an IPv4 or IPv6 address"
+        );
+        assert!(
+            msgs[1].starts_with(
+                "service default/x.default.svc.cluster.local: field ports[0].targetPort"
+            ),
+            "{}",
+            msgs[1]
+        );
     }
 
     #[test]
     fn expected_identities_include_service_sans() {
         let mut s = svc("b.default.svc.cluster.local", [10, 96, 0, 10], 80, 8080);
         if let Some(pb::address::Type::Service(s)) = &mut s.r#type {
-            s.subject_alt_names = vec!["spiffe://cluster.local/ns/default/sa/other".into(), "not-spiffe".into()];
+            s.subject_alt_names = vec![
+                "spiffe://cluster.local/ns/default/sa/other".into(),
+                "not-spiffe".into(),
+            ];
         }
         let st = state(&[s, wl("b1", [10, 244, 1, 2], Some((KEY, 80, 0)), true)]);
-        let Resolution::Upstream(u) = st.resolve("", "10.96.0.10:80".parse().unwrap()) else { panic!() };
-        let ids: Vec<String> = u.expected_identities().iter().map(|i| i.to_string()).collect();
-        assert_eq!(ids, vec!["spiffe://cluster.local/ns/default/sa/sa", "spiffe://cluster.local/ns/default/sa/other"]);
+        let Resolution::Upstream(u) = st.resolve("", "10.96.0.10:80".parse().unwrap()) else {
+            panic!()
+        };
+        let ids: Vec<String> = u
+            .expected_identities()
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                "spiffe://cluster.local/ns/default/sa/sa",
+                "spiffe://cluster.local/ns/default/sa/other"
+            ]
+        );
     }
 }

@@ -79,7 +79,11 @@ impl Netns {
 
     /// A listener inside the namespace on `addr`; `transparent` lets it take
     /// TPROXY'd connections for any local or foreign address.
-    pub fn listener(&self, addr: SocketAddr, transparent: bool) -> io::Result<tokio::net::TcpListener> {
+    pub fn listener(
+        &self,
+        addr: SocketAddr,
+        transparent: bool,
+    ) -> io::Result<tokio::net::TcpListener> {
         let sock = self.tcp_socket(&addr)?;
         sock.set_reuse_address(true)?;
         if transparent {
@@ -94,7 +98,11 @@ impl Netns {
     /// transparently to that (foreign) address so the application sees the
     /// real client; if the kernel refuses the bind, it falls back to the
     /// pod's own address.
-    pub async fn connect(&self, dst: SocketAddr, source: Option<std::net::IpAddr>) -> io::Result<tokio::net::TcpStream> {
+    pub async fn connect(
+        &self,
+        dst: SocketAddr,
+        source: Option<std::net::IpAddr>,
+    ) -> io::Result<tokio::net::TcpStream> {
         let mut sock = self.tcp_socket(&dst)?;
         if let Some(src) = source {
             let bound = sock
@@ -117,6 +125,10 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(&fd);
     let _ = fd.as_raw_fd();
     let addr = sock.original_dst_v4()?;
-    addr.as_socket()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not an IP address"))
+    addr.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "original destination is not an IP address",
+        )
+    })
 }

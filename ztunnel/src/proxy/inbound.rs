@@ -55,7 +55,7 @@ async fn serve(
             identity: pod.identity.to_string(),
             source,
         })?;
-    let cfg = tls::server_config(&cert)?;
+    let cfg = pod.server_tls(&cert)?;
     let tls = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await?;
     let client_id = tls::peer_identity(tls.get_ref().1);
     tracing::debug!(src.identity = ?client_id.as_ref().map(|i| i.to_string()), "mTLS established");
@@ -69,7 +69,8 @@ async fn serve(
             async move { stream_request(pi, pod, req, responder, local, peer, client_id).await }
         }
     };
-    mesh_core::hbone::server::serve_connection(tls, &pi.hbone_server, handler, drain.signaled()).await?;
+    mesh_core::hbone::server::serve_connection(tls, &pi.hbone_server, handler, drain.signaled())
+        .await?;
     Ok(())
 }
 
@@ -93,18 +94,31 @@ async fn stream_request(
     }
     let src_wl = pi.state.workload_by_ip(&pod.network(&pi), peer.ip());
     let dst_wl = pi.state.workload_by_uid(&pod.uid);
-    let service = dst_wl
-        .as_ref()
-        .and_then(|w| pi.state.services_of(w).into_iter().find(|s| w.services.get(&s.key()).is_some_and(|p| p.iter().any(|(sp, tp)| *tp == target.port() || (*tp == 0 && (*sp == target.port() || s.ports.get(sp) == Some(&target.port())))))));
+    let service = dst_wl.as_ref().and_then(|w| {
+        pi.state.services_of(w).into_iter().find(|s| {
+            w.services.get(&s.key()).is_some_and(|p| {
+                p.iter().any(|(sp, tp)| {
+                    *tp == target.port()
+                        || (*tp == 0
+                            && (*sp == target.port() || s.ports.get(sp) == Some(&target.port())))
+                })
+            })
+        })
+    });
     let labels = TcpLabels::new(
         Reporter::destination,
         src_wl.as_deref(),
-        Some(client_id.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "unknown".into())),
+        Some(
+            client_id
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "unknown".into()),
+        ),
         dst_wl.as_deref(),
         service.as_deref(),
         SecurityPolicy::mutual_tls,
     );
-    let mut app = match pod.netns.connect(target, Some(peer.ip())).await {
+    let mut app = match super::connect_upstream(&pi, &pod, target, Some(peer.ip())).await {
         Ok(a) => a,
         Err(e) => {
             tracing::info!(error = %e, app = %target, "application refused the connection");

@@ -83,9 +83,47 @@ pub struct Pod {
     pub namespace: String,
     pub identity: Identity,
     pub netns: Netns,
+    /// The TLS server config for the pod's current certificate: building one
+    /// (verifier, key parsing) costs far more than a handshake, so it is made
+    /// once per certificate, not per connection.
+    server_tls: std::sync::Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
 }
 
 impl Pod {
+    pub fn new(
+        uid: String,
+        name: String,
+        namespace: String,
+        identity: Identity,
+        netns: Netns,
+    ) -> Self {
+        Pod {
+            uid,
+            name,
+            namespace,
+            identity,
+            netns,
+            server_tls: Default::default(),
+        }
+    }
+
+    /// The server config for `cert`, reusing the cached one while the
+    /// certificate is unchanged (rotation replaces it).
+    pub fn server_tls(
+        &self,
+        cert: &mesh_core::tls::WorkloadCertificate,
+    ) -> Result<Arc<rustls::ServerConfig>, mesh_core::tls::TlsError> {
+        let mut cache = self.server_tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((serial, cfg)) = cache.as_ref() {
+            if serial == cert.serial() {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = mesh_core::tls::server_config(cert)?;
+        *cache = Some((cert.serial().to_string(), cfg.clone()));
+        Ok(cfg)
+    }
+
     /// The network the pod's addresses belong to.
     pub fn network(&self, pi: &ProxyInputs) -> String {
         pi.state
@@ -123,8 +161,22 @@ pub async fn serve_pod(
 ) {
     tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), uid = %pod.uid, "listening in pod network namespace");
     let tasks = [
-        tokio::spawn(accept_loop(l.outbound, pi.clone(), pod.clone(), stop.clone(), drain.clone(), Kind::Outbound)),
-        tokio::spawn(accept_loop(l.plaintext, pi.clone(), pod.clone(), stop.clone(), drain.clone(), Kind::Plaintext)),
+        tokio::spawn(accept_loop(
+            l.outbound,
+            pi.clone(),
+            pod.clone(),
+            stop.clone(),
+            drain.clone(),
+            Kind::Outbound,
+        )),
+        tokio::spawn(accept_loop(
+            l.plaintext,
+            pi.clone(),
+            pod.clone(),
+            stop.clone(),
+            drain.clone(),
+            Kind::Plaintext,
+        )),
         tokio::spawn(accept_loop(l.hbone, pi, pod, stop, drain, Kind::Hbone)),
     ];
     for t in tasks {
@@ -179,6 +231,23 @@ async fn accept_loop(
             }
             drop(conn_drain);
         });
+    }
+}
+
+/// Connect from inside the pod, bounded by the configured connect timeout.
+pub async fn connect_upstream(
+    pi: &ProxyInputs,
+    pod: &Pod,
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<tokio::net::TcpStream, ProxyError> {
+    match tokio::time::timeout(pi.cfg.connect_timeout, pod.netns.connect(dst, source)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(ProxyError::Connect { addr: dst, source }),
+        Err(_) => Err(ProxyError::Connect {
+            addr: dst,
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        }),
     }
 }
 

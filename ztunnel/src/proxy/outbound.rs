@@ -69,8 +69,14 @@ fn labels(pi: &ProxyInputs, pod: &Pod, up: Option<&Upstream>, sec: SecurityPolic
 
 /// Plain TCP to a destination outside the mesh (or a mesh workload that
 /// does not speak HBONE).
-async fn plain(pi: &ProxyInputs, pod: &Pod, mut stream: TcpStream, dst: SocketAddr, labels: TcpLabels) {
-    let mut upstream = match pod.netns.connect(dst, None).await {
+async fn plain(
+    pi: &ProxyInputs,
+    pod: &Pod,
+    mut stream: TcpStream,
+    dst: SocketAddr,
+    labels: TcpLabels,
+) {
+    let mut upstream = match super::connect_upstream(pi, pod, dst, None).await {
         Ok(u) => u,
         Err(e) => {
             tracing::info!(error = %e, "passthrough connect failed");
@@ -83,7 +89,11 @@ async fn plain(pi: &ProxyInputs, pod: &Pod, mut stream: TcpStream, dst: SocketAd
         Ok((up, down)) => {
             rec.received(up);
             rec.sent(down);
-            tracing::info!(bytes_sent = up, bytes_recv = down, "connection complete (passthrough)");
+            tracing::info!(
+                bytes_sent = up,
+                bytes_recv = down,
+                "connection complete (passthrough)"
+            );
         }
         Err(e) => tracing::debug!(error = %e, "passthrough copy ended with error"),
     }
@@ -117,17 +127,24 @@ async fn hbone_upstream(
         src_ip: peer.ip(),
         dst: hbone_addr,
     };
-    let netns = pod.netns.clone();
+    let dial_pi = pi.clone();
+    let dial_pod = pod.clone();
     let dial = move || async move {
-        let tcp = netns
-            .connect(hbone_addr, None)
+        let tcp = super::connect_upstream(&dial_pi, &dial_pod, hbone_addr, None)
             .await
-            .map_err(HboneError::Io)?;
-        let cfg = tls::client_config(&cert, &expected).map_err(|e| HboneError::Io(std::io::Error::other(e)))?;
+            .map_err(|e| HboneError::Io(std::io::Error::other(e)))?;
+        let cfg = tls::client_config(&cert, &expected)
+            .map_err(|e| HboneError::Io(std::io::Error::other(e)))?;
         let server_name = rustls::pki_types::ServerName::IpAddress(hbone_addr.ip().into());
-        let tls = tokio_rustls::TlsConnector::from(cfg)
-            .connect(server_name, tcp)
+        let handshake = tokio_rustls::TlsConnector::from(cfg).connect(server_name, tcp);
+        let tls = tokio::time::timeout(dial_pi.cfg.connect_timeout, handshake)
             .await
+            .map_err(|_| {
+                HboneError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                ))
+            })?
             .map_err(HboneError::Io)?;
         Ok::<_, HboneError>(tls)
     };
@@ -136,14 +153,21 @@ async fn hbone_upstream(
     if let Ok(v) = headers::forwarded(peer, host) {
         hdrs.insert(http::header::FORWARDED, v);
     }
-    hdrs.insert(headers::TRACEPARENT, headers::TraceParent::new_random(false).to_header_value());
+    hdrs.insert(
+        headers::TRACEPARENT,
+        headers::TraceParent::new_random(false).to_header_value(),
+    );
     if let Some(src) = pi.state.workload_by_uid(&pod.uid) {
         let some = |s: &str| Some(s.to_string()).filter(|s| !s.is_empty());
         let baggage = headers::Baggage {
             cluster: some(&src.cluster_id),
             namespace: some(&src.namespace),
             workload_type: some(src.workload_type),
-            workload_name: some(if src.workload_name.is_empty() { &src.name } else { &src.workload_name }),
+            workload_name: some(if src.workload_name.is_empty() {
+                &src.name
+            } else {
+                &src.workload_name
+            }),
             service_name: some(&src.canonical_name),
             service_version: some(&src.canonical_revision),
         };

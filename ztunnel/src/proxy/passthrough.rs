@@ -14,7 +14,12 @@ use tracing::Instrument;
 use super::{reset, Pod, ProxyInputs};
 use crate::metrics::{ConnectionRecorder, Reporter, SecurityPolicy, TcpLabels};
 
-pub async fn handle(pi: &Arc<ProxyInputs>, pod: &Arc<Pod>, mut stream: TcpStream, peer: SocketAddr) {
+pub async fn handle(
+    pi: &Arc<ProxyInputs>,
+    pod: &Arc<Pod>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) {
     let span = tracing::info_span!("inbound_plaintext", src.addr = %peer, dst.workload = %pod.name);
     async move {
         let local = match stream.local_addr() {
@@ -36,7 +41,7 @@ pub async fn handle(pi: &Arc<ProxyInputs>, pod: &Arc<Pod>, mut stream: TcpStream
         }
         let src_wl = pi.state.workload_by_ip(&network, peer.ip());
         let labels = TcpLabels::new(Reporter::destination, src_wl.as_deref(), None, dst_wl.as_deref(), None, SecurityPolicy::none);
-        let mut app = match pod.netns.connect(local, Some(peer.ip())).await {
+        let mut app = match super::connect_upstream(pi, pod, local, Some(peer.ip())).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::info!(error = %e, app = %local, "application refused the connection");
