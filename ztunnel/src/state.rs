@@ -447,6 +447,21 @@ pub fn convert_service(s: &pb::Service) -> Result<Service, StateError> {
     })
 }
 
+/// The port a workload serves `svc_port` of `svc` on: the workload's own
+/// mapping, else the service's target port, else the service port itself.
+pub fn target_port(svc: &Service, wl: &Workload, svc_port: u16) -> u16 {
+    let own = wl
+        .services
+        .get(&svc.key())
+        .and_then(|p| p.get(&svc_port))
+        .copied();
+    match (own, svc.ports.get(&svc_port).copied()) {
+        (Some(t), _) if t != 0 => t,
+        (_, Some(t)) if t != 0 => t,
+        _ => svc_port,
+    }
+}
+
 impl ProxyState {
     pub fn new() -> Self {
         Self::default()
@@ -509,7 +524,7 @@ impl ProxyState {
             let Some(svc) = inner.services.get(key).cloned() else {
                 return Resolution::Passthrough;
             };
-            let Some(&svc_target) = svc.ports.get(&dst.port()) else {
+            if !svc.ports.contains_key(&dst.port()) {
                 return Resolution::NoHealthyEndpoint {
                     service: svc.hostname.clone(),
                     port: dst.port(),
@@ -527,16 +542,7 @@ impl ProxyState {
             }
             let pick = self.rr.fetch_add(1, Ordering::Relaxed) % healthy.len();
             let wl = healthy[pick].clone();
-            let target = match wl
-                .services
-                .get(key)
-                .and_then(|p| p.get(&dst.port()))
-                .copied()
-            {
-                Some(t) if t != 0 => t,
-                _ if svc_target != 0 => svc_target,
-                _ => dst.port(),
-            };
+            let target = target_port(&svc, &wl, dst.port());
             let ip = wl
                 .ips
                 .iter()
@@ -567,13 +573,15 @@ impl ProxyState {
         Resolution::Passthrough
     }
 
-    /// The services a workload is an endpoint of.
-    pub fn services_of(&self, w: &Workload) -> Vec<Arc<Service>> {
+    /// The service of `w` that `port` on it serves, if any (for telling
+    /// which service an inbound connection belongs to).
+    pub fn service_for_target(&self, w: &Workload, port: u16) -> Option<Arc<Service>> {
         let inner = self.read();
         w.services
             .keys()
-            .filter_map(|k| inner.services.get(k).cloned())
-            .collect()
+            .filter_map(|k| inner.services.get(k))
+            .find(|s| s.ports.keys().any(|sp| target_port(s, w, *sp) == port))
+            .cloned()
     }
 
     /// The JSON the admin endpoint serves (`/config_dump`), in the shape
@@ -625,11 +633,8 @@ impl ProxyState {
                 for w in Self::endpoints(&inner, &key) {
                     let port: BTreeMap<String, u16> = s
                         .ports
-                        .iter()
-                        .map(|(sp, tp)| {
-                            let t = w.services.get(&key).and_then(|m| m.get(sp)).copied().filter(|t| *t != 0).unwrap_or(if *tp != 0 { *tp } else { *sp });
-                            (sp.to_string(), t)
-                        })
+                        .keys()
+                        .map(|sp| (sp.to_string(), target_port(s, &w, *sp)))
                         .collect();
                     endpoints.insert(
                         w.uid.clone(),

@@ -94,17 +94,9 @@ async fn stream_request(
     }
     let src_wl = pi.state.workload_by_ip(&pod.network(&pi), peer.ip());
     let dst_wl = pi.state.workload_by_uid(&pod.uid);
-    let service = dst_wl.as_ref().and_then(|w| {
-        pi.state.services_of(w).into_iter().find(|s| {
-            w.services.get(&s.key()).is_some_and(|p| {
-                p.iter().any(|(sp, tp)| {
-                    *tp == target.port()
-                        || (*tp == 0
-                            && (*sp == target.port() || s.ports.get(sp) == Some(&target.port())))
-                })
-            })
-        })
-    });
+    let service = dst_wl
+        .as_ref()
+        .and_then(|w| pi.state.service_for_target(w, target.port()));
     let labels = TcpLabels::new(
         Reporter::destination,
         src_wl.as_deref(),
