@@ -39,9 +39,11 @@ pub const DEFAULT_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const DEFAULT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame payload we accept.
 pub const DEFAULT_MAX_FRAME_SIZE: u32 = 1024 * 1024;
-/// How much unsent data one stream may queue inside h2. Larger than h2's own
-/// default so a single tunnel can keep a fast link busy.
-pub const DEFAULT_SEND_BUFFER: usize = 1024 * 1024;
+/// How much unsent data one stream may queue inside h2 (bytes already in
+/// the socket do not count, so this does not cap the bytes in flight).
+/// Measured on loopback: 1 MiB and 4 MiB were slower than this, as more
+/// queued data falls out of the CPU caches.
+pub const DEFAULT_SEND_BUFFER: usize = 400 * 1024;
 /// Interval between keepalive pings on an otherwise quiet connection.
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a keepalive ping may go unanswered before the connection is
