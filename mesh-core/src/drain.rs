@@ -94,7 +94,10 @@ mod tests {
             drop(w2);
         });
         drop(watch);
-        assert_eq!(trigger.drain(Duration::from_secs(10)).await, Outcome::Complete);
+        assert_eq!(
+            trigger.drain(Duration::from_secs(10)).await,
+            Outcome::Complete
+        );
         task.await.unwrap();
     }
 

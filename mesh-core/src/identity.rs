@@ -78,8 +78,11 @@ impl Identity {
         namespace: impl Into<String>,
         service_account: impl Into<String>,
     ) -> Self {
+        // SPIFFE trust domains are case-insensitive and compared in lower
+        // case; parsing folds them, so construction must too or the same
+        // identity built two ways would compare unequal.
         Identity {
-            trust_domain: trust_domain.into(),
+            trust_domain: trust_domain.into().to_ascii_lowercase(),
             namespace: namespace.into(),
             service_account: service_account.into(),
         }

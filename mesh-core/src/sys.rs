@@ -25,5 +25,6 @@ pub(crate) fn async_fd(
     // is dropped; nothing else can close it, and `OwnedFd::as_raw_fd` always
     // returns the same descriptor, so it stays valid for the registration's
     // whole life.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(|e| e.into_parts().1)
 }

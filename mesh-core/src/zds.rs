@@ -23,8 +23,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::proto::zds::{
-    workload_request, workload_response, Ack, AddWorkload, DelWorkload, KeepWorkload,
-    SnapshotSent, Version, WorkloadInfo, WorkloadRequest, WorkloadResponse, ZdsHello,
+    workload_request, workload_response, Ack, AddWorkload, DelWorkload, KeepWorkload, SnapshotSent,
+    Version, WorkloadInfo, WorkloadRequest, WorkloadResponse, ZdsHello,
 };
 
 /// Default path of the node agent's socket.
@@ -395,11 +395,8 @@ impl ZdsAgentConn {
     }
 
     pub async fn snapshot_sent(&self) -> Result<(), ZdsError> {
-        self.request(
-            "",
-            workload_request::Payload::SnapshotSent(SnapshotSent {}),
-        )
-        .await
+        self.request("", workload_request::Payload::SnapshotSent(SnapshotSent {}))
+            .await
     }
 
     async fn request(&self, uid: &str, payload: workload_request::Payload) -> Result<(), ZdsError> {
@@ -464,7 +461,10 @@ mod tests {
                 })),
             };
             conn.raw().send(&req, None).await.unwrap();
-            assert!(matches!(conn.wait_ack("uid-3").await, Err(ZdsError::Nack { .. })));
+            assert!(matches!(
+                conn.wait_ack("uid-3").await,
+                Err(ZdsError::Nack { .. })
+            ));
             conn.keep("uid-1").await.unwrap();
         });
         let client = ZdsClient::connect(&path).await.unwrap();
@@ -473,21 +473,32 @@ mod tests {
                 assert_eq!(uid, "uid-1");
                 assert_eq!(info.unwrap().name, "a");
                 // The received descriptor is a network namespace of ours.
-                let got = std::fs::read_link(format!("/proc/self/fd/{}", netns.as_raw_fd()))
-                    .unwrap();
+                let got =
+                    std::fs::read_link(format!("/proc/self/fd/{}", netns.as_raw_fd())).unwrap();
                 assert!(got.to_string_lossy().starts_with("net:["), "{got:?}");
             }
             other => panic!("unexpected {other:?}"),
         }
         client.ack(Ok(())).await.unwrap();
-        assert!(matches!(client.next().await.unwrap(), WorkloadEvent::SnapshotSent));
+        assert!(matches!(
+            client.next().await.unwrap(),
+            WorkloadEvent::SnapshotSent
+        ));
         client.ack(Ok(())).await.unwrap();
-        assert!(matches!(client.next().await.unwrap(), WorkloadEvent::Add { .. }));
+        assert!(matches!(
+            client.next().await.unwrap(),
+            WorkloadEvent::Add { .. }
+        ));
         client.ack(Err("no".into())).await.unwrap();
-        assert!(matches!(client.next().await.unwrap(), WorkloadEvent::Del { uid } if uid == "uid-1"));
+        assert!(
+            matches!(client.next().await.unwrap(), WorkloadEvent::Del { uid } if uid == "uid-1")
+        );
         client.ack(Ok(())).await.unwrap();
         // uid-3 was rejected inside next(); the following event is the Keep.
-        assert!(matches!(client.next().await.unwrap(), WorkloadEvent::Keep { .. }));
+        assert!(matches!(
+            client.next().await.unwrap(),
+            WorkloadEvent::Keep { .. }
+        ));
         client.ack(Ok(())).await.unwrap();
         agent.await.unwrap();
         assert!(matches!(client.next().await, Err(ZdsError::Closed)));

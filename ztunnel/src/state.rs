@@ -189,13 +189,31 @@ impl Snapshot {
     ) -> (Snapshot, Vec<StateError>) {
         let mut snap = Snapshot::default();
         let mut errors = Vec::new();
+        let mut uids = HashSet::new();
+        let mut service_keys = HashSet::new();
         for (i, addr) in addresses.iter().enumerate() {
             match &addr.r#type {
                 Some(pb::address::Type::Workload(w)) => match convert_workload(w) {
+                    // A uid names one workload: a second resource with the
+                    // same uid is a conflict, and keeping the first is the
+                    // only choice that leaves every address pointing at the
+                    // workload that owns it.
+                    Ok(w) if !uids.insert(w.uid.clone()) => errors.push(invalid(
+                        "workload",
+                        &w.uid,
+                        "uid",
+                        format!("duplicate of an earlier workload (addresses[{i}])"),
+                    )),
                     Ok(w) => snap.workloads.push(w),
                     Err(e) => errors.push(e),
                 },
                 Some(pb::address::Type::Service(s)) => match convert_service(s) {
+                    Ok(s) if !service_keys.insert(s.key()) => errors.push(invalid(
+                        "service",
+                        &s.key(),
+                        "hostname",
+                        format!("duplicate of an earlier service (addresses[{i}])"),
+                    )),
                     Ok(s) => snap.services.push(s),
                     Err(e) => errors.push(e),
                 },

@@ -1,0 +1,11 @@
+//! Fuzz target: the local state file through ztunnel's state conversion
+//! and lookups.
+//! The body is `ztunnel_local_state` in ztunnel/tests/fuzz_smoke.rs.
+
+#![no_main]
+
+#[path = "../../ztunnel/tests/fuzz_smoke.rs"]
+#[allow(dead_code, unused_imports)]
+mod smoke;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| smoke::ztunnel_local_state(data));

@@ -1,0 +1,574 @@
+//! Stable-Rust smoke runs of the fuzz targets for ztunnel's state.
+//!
+//! Workload API resources arrive from the control plane (or the local state
+//! file) and are converted into what every proxied connection consults.
+//! A resource must be rejected with an error, never crash the conversion or
+//! the lookups that follow. Each `pub fn` below is the body of one cargo-fuzz
+//! target (fuzz/ includes this file); here it runs over a hand-written seed
+//! corpus and a few thousand deterministic mutations of it.
+//!
+//! `MESH_FUZZ_SEEDS=<dir>` writes the seed corpora to `<dir>/<target>/` for
+//! the fuzzer to start from.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+
+use mesh_core::proto::local::parse_local_config;
+use mesh_core::proto::security::{self, Authorization};
+use mesh_core::proto::workload as pb;
+use prost::Message;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ztunnel::state::{HealthStatus, ProxyState, Resolution, Snapshot};
+
+/// Mutated inputs are cut to this length.
+const MAX_INPUT: usize = 32 * 1024;
+/// Lookups tried per input, so one large input stays cheap.
+const MAX_PROBES: usize = 512;
+
+/// What a control plane push carries, as one message: the fuzz input is
+/// its encoding.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Resources {
+    #[prost(message, repeated, tag = "1")]
+    pub addresses: Vec<pb::Address>,
+    #[prost(message, repeated, tag = "2")]
+    pub authorizations: Vec<Authorization>,
+}
+
+// ---------------------------------------------------------------------------
+// Fuzz bodies (one per target in fuzz/fuzz_targets).
+// ---------------------------------------------------------------------------
+
+/// Protobuf resources through conversion, replacement and lookups.
+pub fn ztunnel_state(data: &[u8]) {
+    if let Ok(res) = Resources::decode(data) {
+        check_state(&res.addresses, &res.authorizations);
+    }
+}
+
+/// The local state file through the same path ztunnel's file source takes.
+pub fn ztunnel_local_state(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    match parse_local_config(&text) {
+        Ok(cfg) => check_state(&cfg.addresses, &cfg.authorizations),
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+}
+
+/// Converts, installs, and looks up every address the resources mention.
+pub fn check_state(addresses: &[pb::Address], authorizations: &[Authorization]) {
+    let (snap, errors) = Snapshot::from_resources(addresses, authorizations);
+    for e in &errors {
+        let _ = e.to_string();
+    }
+    // Every resource is either taken or reported.
+    assert_eq!(
+        snap.workloads.len() + snap.services.len() + snap.policies.len() + errors.len(),
+        addresses.len() + authorizations.len()
+    );
+
+    let mut probes: Vec<(String, SocketAddr)> =
+        vec![(String::new(), "10.0.0.1:80".parse().expect("literal"))];
+    for w in &snap.workloads {
+        let ports: Vec<u16> = [80, 15008]
+            .into_iter()
+            .chain(w.services.values().flat_map(|m| m.keys().copied()))
+            .collect();
+        for ip in &w.ips {
+            probes.extend(
+                ports
+                    .iter()
+                    .map(|&p| (w.network.clone(), SocketAddr::new(*ip, p))),
+            );
+        }
+    }
+    for s in &snap.services {
+        for (net, ip) in &s.vips {
+            let ports = s.ports.keys().copied().chain([1]);
+            probes.extend(ports.map(|p| (net.clone(), SocketAddr::new(*ip, p))));
+        }
+    }
+    probes.truncate(MAX_PROBES);
+
+    // The state keeps the last workload of a uid; a uid that appears twice
+    // leaves the first one's addresses pointing at the second (see the
+    // ignored test below), so the address check needs unique uids.
+    let uids: HashSet<String> = snap.workloads.iter().map(|w| w.uid.clone()).collect();
+    let unique_uids = uids.len() == snap.workloads.len();
+    let policy_keys: HashSet<String> = snap
+        .policies
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
+
+    let state = ProxyState::new();
+    state.replace(snap);
+    let (workloads, _, policies) = state.counts();
+    assert_eq!(workloads, uids.len());
+    assert_eq!(policies, policy_keys.len());
+    assert_eq!(state.uids(), uids);
+
+    for (net, dst) in probes {
+        match state.resolve(&net, dst) {
+            Resolution::Upstream(up) => {
+                let ids = up.expected_identities();
+                assert_eq!(ids.first(), Some(&up.workload.identity()));
+                match &up.service {
+                    Some(svc) => {
+                        assert!(up.workload.ips.contains(&up.addr.ip()));
+                        assert_eq!(up.workload.status, HealthStatus::Healthy);
+                        assert!(svc.ports.contains_key(&dst.port()));
+                        assert!(up.workload.services.contains_key(&svc.key()));
+                    }
+                    None => {
+                        assert_eq!(up.addr, dst);
+                        assert!(
+                            !unique_uids || up.workload.ips.contains(&dst.ip()),
+                            "{dst} resolved to {} which does not have that address",
+                            up.workload.uid
+                        );
+                    }
+                }
+            }
+            Resolution::NoHealthyEndpoint { .. } | Resolution::Passthrough => {}
+        }
+        let _ = state.workload_by_ip(&net, dst.ip());
+    }
+    for uid in state.uids() {
+        let w = state.workload_by_uid(&uid).expect("listed uid resolves");
+        for port in [80, 8080, 9090] {
+            if let Some(svc) = state.service_for_target(&w, port) {
+                assert!(w.services.contains_key(&svc.key()));
+            }
+        }
+    }
+    let _ = state.dump();
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic mutation of seed corpora (as in mesh-core/tests/fuzz_smoke.rs).
+// ---------------------------------------------------------------------------
+
+/// One mutant: a random seed with one to four random edits.
+pub fn mutate(rng: &mut StdRng, seeds: &[Vec<u8>], dict: &[&[u8]]) -> Vec<u8> {
+    const INTERESTING: [u8; 6] = [0x00, 0x01, 0x7f, 0x80, 0xff, b'0'];
+    let mut v = seeds[rng.random_range(0..seeds.len())].clone();
+    for _ in 0..rng.random_range(1..=4) {
+        let len = v.len();
+        let at = rng.random_range(0..=len);
+        match rng.random_range(0..8) {
+            0 if len > 0 => v[at.min(len - 1)] ^= 1 << rng.random_range(0..8),
+            1 if len > 0 => {
+                v[at.min(len - 1)] = INTERESTING[rng.random_range(0..INTERESTING.len())]
+            }
+            2 => {
+                let fresh: Vec<u8> = (0..rng.random_range(1..=4)).map(|_| rng.random()).collect();
+                v.splice(at..at, fresh);
+            }
+            3 if at < len => {
+                let end = rng.random_range(at..=len.min(at + 16));
+                v.drain(at..end);
+            }
+            4 => {
+                let other = &seeds[rng.random_range(0..seeds.len())];
+                if !other.is_empty() {
+                    let start = rng.random_range(0..other.len());
+                    let end = rng.random_range(start..=other.len());
+                    v.splice(at..at, other[start..end].iter().copied());
+                }
+            }
+            5 if !dict.is_empty() => {
+                let token = dict[rng.random_range(0..dict.len())];
+                v.splice(at..at, token.iter().copied());
+            }
+            6 if !dict.is_empty() => {
+                let token = dict[rng.random_range(0..dict.len())];
+                let end = (at + token.len()).min(len);
+                v.splice(at..end, token.iter().copied());
+            }
+            7 => v.truncate(at),
+            _ => {}
+        }
+    }
+    v.truncate(MAX_INPUT);
+    v
+}
+
+/// With `MESH_FUZZ_SEEDS=<dir>` set, writes `seeds` to `<dir>/<target>/`
+/// as the fuzzer's starting corpus.
+pub fn dump_seeds(target: &str, seeds: &[Vec<u8>]) {
+    let Some(dir) = std::env::var_os("MESH_FUZZ_SEEDS") else {
+        return;
+    };
+    let dir = PathBuf::from(dir).join(target);
+    std::fs::create_dir_all(&dir).expect("create seed dir");
+    for (i, s) in seeds.iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i:03}")), s).expect("write seed");
+    }
+}
+
+/// Runs `body` over the seeds, then over `mutants` mutations of them.
+pub fn run_corpus(
+    target: &str,
+    seeds: &[Vec<u8>],
+    dict: &[&[u8]],
+    mutants: usize,
+    body: impl Fn(&[u8]),
+) {
+    let salt = target
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31) ^ u64::from(b));
+    let mut rng = StdRng::seed_from_u64(0x5eed ^ salt);
+    let inputs = seeds
+        .iter()
+        .cloned()
+        .chain((0..mutants).map(|_| mutate(&mut rng, seeds, dict)));
+    for (i, input) in inputs.enumerate() {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| body(&input))) {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!(
+                "{target}: input #{i} panicked: {msg}\ninput: \"{}\"",
+                input.escape_ascii()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Seed corpora.
+// ---------------------------------------------------------------------------
+
+const SVC_KEY: &str = "default/b.default.svc.cluster.local";
+
+fn ports(pairs: &[(u32, u32)]) -> Vec<pb::Port> {
+    pairs
+        .iter()
+        .map(|&(service_port, target_port)| pb::Port {
+            service_port,
+            target_port,
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn workload(uid: &str, ips: &[&str], edit: impl FnOnce(&mut pb::Workload)) -> pb::Address {
+    let mut services = HashMap::new();
+    services.insert(
+        SVC_KEY.to_string(),
+        pb::PortList {
+            ports: ports(&[(80, 8080), (443, 0)]),
+        },
+    );
+    let mut w = pb::Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "default".into(),
+        service_account: "b".into(),
+        trust_domain: "cluster.local".into(),
+        addresses: ips.iter().map(|ip| ip_bytes(ip)).collect(),
+        tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+        services,
+        ..Default::default()
+    };
+    edit(&mut w);
+    pb::Address {
+        r#type: Some(pb::address::Type::Workload(w)),
+    }
+}
+
+fn service(host: &str, vips: &[&str], edit: impl FnOnce(&mut pb::Service)) -> pb::Address {
+    let mut s = pb::Service {
+        name: host.split('.').next().unwrap_or_default().into(),
+        namespace: "default".into(),
+        hostname: host.into(),
+        addresses: vips.iter().map(|ip| net_addr("", ip)).collect(),
+        ports: ports(&[(80, 8080), (443, 0)]),
+        subject_alt_names: vec![
+            "spiffe://cluster.local/ns/default/sa/b".into(),
+            "not a spiffe id".into(),
+        ],
+        ..Default::default()
+    };
+    edit(&mut s);
+    pb::Address {
+        r#type: Some(pb::address::Type::Service(s)),
+    }
+}
+
+fn ip_bytes(ip: &str) -> Vec<u8> {
+    match ip.parse::<IpAddr>().expect("literal IP") {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn net_addr(network: &str, ip: &str) -> pb::NetworkAddress {
+    pb::NetworkAddress {
+        network: network.into(),
+        address: ip_bytes(ip),
+        length: None,
+    }
+}
+
+fn gateway_ip(ip: &str) -> Option<pb::GatewayAddress> {
+    Some(pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Address(net_addr("", ip))),
+        hbone_mtls_port: 15008,
+    })
+}
+
+fn policy(name: &str) -> Authorization {
+    Authorization {
+        name: name.into(),
+        namespace: "default".into(),
+        scope: security::Scope::Namespace as i32,
+        action: security::Action::Deny as i32,
+        rules: vec![security::Rule {
+            clauses: vec![security::Clause {
+                matches: vec![security::Match {
+                    source_ips: vec![security::Address {
+                        address: ip_bytes("10.0.0.0"),
+                        length: 8,
+                    }],
+                    destination_ports: vec![80, 70_000],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        ..Default::default()
+    }
+}
+
+fn encode(addresses: Vec<pb::Address>, authorizations: Vec<Authorization>) -> Vec<u8> {
+    Resources {
+        addresses,
+        authorizations,
+    }
+    .encode_to_vec()
+}
+
+pub fn seeds_state() -> Vec<Vec<u8>> {
+    let mesh = vec![
+        service(
+            "b.default.svc.cluster.local",
+            &["10.96.0.10", "fd00:96::10"],
+            |s| {
+                s.waypoint = gateway_ip("10.0.0.9");
+            },
+        ),
+        workload(
+            "c1//v1/Pod/default/b-1",
+            &["10.244.1.2", "fd00:244::2"],
+            |w| {
+                w.waypoint = gateway_ip("10.0.0.9");
+                w.network_gateway = Some(pb::GatewayAddress {
+                    destination: Some(pb::gateway_address::Destination::Hostname(
+                        pb::NamespacedHostname {
+                            namespace: "istio-system".into(),
+                            hostname: "gw.example".into(),
+                        },
+                    )),
+                    hbone_mtls_port: 15008,
+                });
+            },
+        ),
+        workload("c1//v1/Pod/default/b-2", &["10.244.2.2"], |w| {
+            w.status = pb::WorkloadStatus::Unhealthy as i32;
+        }),
+        workload("c1//v1/Pod/default/plain", &["10.244.3.3"], |w| {
+            w.tunnel_protocol = pb::TunnelProtocol::None as i32;
+            w.service_account = String::new();
+            w.trust_domain = String::new();
+            w.workload_type = pb::WorkloadType::Pod as i32;
+        }),
+    ];
+    let broken = vec![
+        pb::Address { r#type: None },
+        workload("", &["10.1.1.1"], |_| {}),
+        workload("bad-ip", &[], |w| w.addresses = vec![vec![1, 2, 3]]),
+        workload("legacy", &["10.1.1.2"], |w| {
+            w.tunnel_protocol = pb::TunnelProtocol::LegacyIstioMtls as i32
+        }),
+        workload("enums", &["10.1.1.3"], |w| {
+            w.tunnel_protocol = 99;
+            w.status = -1;
+            w.workload_type = 77;
+        }),
+        workload("no-sa", &["10.1.1.4"], |w| w.namespace = String::new()),
+        workload("big-port", &["10.1.1.5"], |w| {
+            w.services.insert(
+                "default/x".into(),
+                pb::PortList {
+                    ports: ports(&[(70_000, 1)]),
+                },
+            );
+        }),
+        workload("no-slash", &["10.1.1.6"], |w| {
+            w.services.insert("nokey".into(), pb::PortList::default());
+        }),
+        workload("no-dest", &["10.1.1.7"], |w| {
+            w.waypoint = Some(pb::GatewayAddress::default())
+        }),
+        service("", &["10.96.0.11"], |_| {}),
+        service("zero.default", &["10.96.0.12"], |s| {
+            s.ports = ports(&[(0, 1)])
+        }),
+        service("badvip.default", &[], |s| {
+            s.addresses = vec![pb::NetworkAddress {
+                address: vec![1; 5],
+                ..Default::default()
+            }]
+        }),
+    ];
+    let mut twice = mesh.clone();
+    // The same uid twice, and a service VIP that is also a pod address.
+    twice.push(workload("c1//v1/Pod/default/b-1", &["10.244.9.9"], |_| {}));
+    twice.push(service("dup.default", &["10.244.2.2"], |_| {}));
+    vec![
+        encode(mesh.clone(), vec![policy("deny-a")]),
+        encode(broken.clone(), vec![policy(""), policy("p")]),
+        encode([mesh, broken].concat(), vec![policy("p"), policy("p")]),
+        encode(twice, vec![]),
+        encode(vec![], vec![]),
+        vec![0x0a, 0x00],
+        vec![0x0a, 0x02, 0x0a, 0x00],
+        vec![0x0a, 0x03, 0x0a, 0x01, 0xff],
+    ]
+}
+
+pub fn dict_protobuf() -> Vec<&'static [u8]> {
+    vec![
+        &[0x0a, 0x00],
+        &[0x12, 0x00],
+        &[0x1a, 0x04, 10, 0, 0, 1],
+        &[
+            0x1a, 0x10, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+        ],
+        &[0x08, 0x01],
+        &[0x80, 0x80, 0x80, 0x80, 0x10],
+        &[0xff, 0xff, 0xff, 0xff, 0x0f],
+        &[0xa2, 0x01, 0x01, b'u'],
+    ]
+}
+
+pub fn seeds_local_state() -> Vec<Vec<u8>> {
+    [
+        r#"
+addresses:
+- workload: {uid: "c1//v1/Pod/default/b-1", name: b-1, namespace: default, addresses: ["10.244.2.2", "fd00::2"], serviceAccount: b, tunnelProtocol: HBONE, services: {"default/b.default.svc.cluster.local": {ports: [{servicePort: 80, targetPort: 8080}]}}}
+- workload: {uid: "c1//v1/Pod/default/b-2", namespace: default, addresses: ["10.244.2.3"], status: UNHEALTHY, services: {"default/b.default.svc.cluster.local": {ports: [{servicePort: 80}]}}}
+- service: {name: b, namespace: default, hostname: b.default.svc.cluster.local, addresses: [{address: "10.96.0.10"}, {network: n2, address: "fd00::10"}], ports: [{servicePort: 80, targetPort: 9090}], subjectAltNames: ["spiffe://cluster.local/ns/default/sa/b", "x"]}
+authorizations:
+- {name: deny, namespace: default, action: DENY, rules: [{clauses: [{matches: [{destinationPorts: [80]}]}]}]}
+"#,
+        "addresses:\n- workload: {uid: u, addresses: [\"10.0.0.1\"]}\n- workload: {uid: u, addresses: [\"10.0.0.2\"]}\n",
+        "addresses:\n- service: {hostname: h, addresses: [{address: \"10.0.0.1\"}], ports: [{servicePort: 65535, targetPort: 65536}]}\n",
+        "addresses:\n- workload: {uid: w, tunnelProtocol: LEGACY_ISTIO_MTLS}\n",
+        "",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect()
+}
+
+pub fn dict_local_state() -> Vec<&'static [u8]> {
+    [
+        "addresses:",
+        "workload:",
+        "service:",
+        "uid: u",
+        "- ",
+        "{",
+        "}",
+        "[",
+        "]",
+        ": ",
+        "\n",
+        "10.0.0.1",
+        "fd00::1",
+        "servicePort: ",
+        "65536",
+        "HBONE",
+        "UNHEALTHY",
+    ]
+    .iter()
+    .map(|s| s.as_bytes())
+    .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The smoke runs.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn smoke_ztunnel_state() {
+    let seeds = seeds_state();
+    // The seeds mean what they were built to mean.
+    let res = Resources::decode(seeds[0].as_slice()).expect("seed 0 decodes");
+    let (snap, errors) = Snapshot::from_resources(&res.addresses, &res.authorizations);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!((snap.workloads.len(), snap.services.len()), (3, 1));
+    let res = Resources::decode(seeds[1].as_slice()).expect("seed 1 decodes");
+    let (snap, errors) = Snapshot::from_resources(&res.addresses, &res.authorizations);
+    assert_eq!(
+        (
+            snap.workloads.len(),
+            snap.services.len(),
+            snap.policies.len()
+        ),
+        (0, 0, 1)
+    );
+    // Every broken address, and the policy without a name.
+    assert_eq!(errors.len(), 13, "{errors:?}");
+    dump_seeds("ztunnel_state", &seeds);
+    run_corpus(
+        "ztunnel_state",
+        &seeds,
+        &dict_protobuf(),
+        20_000,
+        ztunnel_state,
+    );
+}
+
+#[test]
+fn smoke_ztunnel_local_state() {
+    dump_seeds("ztunnel_local_state", &seeds_local_state());
+    run_corpus(
+        "ztunnel_local_state",
+        &seeds_local_state(),
+        &dict_local_state(),
+        10_000,
+        ztunnel_local_state,
+    );
+}
+
+/// Two resources with the same uid must not leave the first one's address
+/// mapped to the second workload (a connection to 10.0.0.1 would be sent to
+/// a workload that does not have it, checked against its identity).
+#[test]
+fn duplicate_uid_leaves_no_stale_address() {
+    let addresses = [
+        workload("u", &["10.0.0.1"], |_| {}),
+        workload("u", &["10.0.0.2"], |_| {}),
+    ];
+    let (snap, _) = Snapshot::from_resources(&addresses, &[]);
+    let state = ProxyState::new();
+    state.replace(snap);
+    match state.resolve("", "10.0.0.1:80".parse().expect("literal")) {
+        Resolution::Upstream(up) => assert!(
+            up.workload.ips.contains(&up.addr.ip()),
+            "10.0.0.1 resolved to {:?}",
+            up.workload.ips
+        ),
+        Resolution::NoHealthyEndpoint { .. } | Resolution::Passthrough => {}
+    }
+}
