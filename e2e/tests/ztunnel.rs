@@ -294,7 +294,10 @@ fn non_mesh_client_reaches_mesh_pod_through_inbound_plaintext() {
             &[
                 "reporter=\"destination\"",
                 "connection_security_policy=\"none\"",
-                "destination_workload=\"b1\""
+                "destination_workload=\"b1\"",
+                // Plaintext has no authenticated principal, even from a known pod.
+                "source_principal=\"unknown\"",
+                "source_workload=\"outsider\"",
             ]
         )
         .is_empty(),

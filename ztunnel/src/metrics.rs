@@ -107,9 +107,9 @@ impl TcpLabels {
             source_workload_namespace: source
                 .map(|w| or_unknown(&w.namespace))
                 .unwrap_or_else(|| UNKNOWN.into()),
-            source_principal: source_principal
-                .or_else(|| source.map(|w| w.identity().to_string()))
-                .unwrap_or_else(|| UNKNOWN.into()),
+            // Only an authenticated peer has a principal: plaintext from a
+            // known pod is still `unknown`, as in Istio.
+            source_principal: source_principal.unwrap_or_else(|| UNKNOWN.into()),
             source_app: source.map(canonical).unwrap_or_else(|| UNKNOWN.into()),
             source_version: source.map(revision).unwrap_or_else(|| UNKNOWN.into()),
             source_cluster: source

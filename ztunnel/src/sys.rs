@@ -105,8 +105,20 @@ impl Netns {
     ) -> io::Result<tokio::net::TcpStream> {
         let mut sock = self.tcp_socket(&dst)?;
         if let Some(src) = source {
+            // IP_BIND_ADDRESS_NO_PORT defers choosing the local port to
+            // connect(), which can reuse ports across destinations; without
+            // it every bind searches the whole port range for one free for
+            // all destinations, which gets slow as TIME_WAIT piles up.
             let bound = sock
                 .set_ip_transparent_v4(true)
+                .and_then(|_| {
+                    nix::sys::socket::setsockopt(
+                        &sock,
+                        nix::sys::socket::sockopt::IpBindAddressNoPort,
+                        &true,
+                    )
+                    .map_err(io::Error::from)
+                })
                 .and_then(|_| sock.bind(&SocketAddr::new(src, 0).into()));
             if let Err(e) = bound {
                 tracing::debug!(error = %e, %src, "transparent source bind refused; using the pod's own address");

@@ -1,0 +1,997 @@
+//! `mesh-demo`: brings up the local two-node mesh and walks through what it
+//! does, section by section: the topology, a request from an enrolled client
+//! pod on n1 to a service VIP whose only endpoint runs on n2 (captured in-pod
+//! by n1's ztunnel, carried over HBONE to n2's ztunnel, handed to the server
+//! from the client's own address), the ztunnel's view of the cluster, the
+//! Istio metrics both ztunnels recorded, traffic to a host outside the mesh
+//! (passed through), a non-mesh pod calling into the mesh, and packet
+//! captures on the node links showing what is and is not readable there.
+//!
+//! Then it keeps the mesh up until Ctrl-C and prints how to poke at it; with
+//! `--once` it tears down right after the walk-through. Everything (network
+//! namespaces, processes, temporary files) is removed on exit, Ctrl-C
+//! included. Needs root; run it through `scripts/demo.sh`.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use e2e::capture;
+use e2e::mesh::{Mesh, MeshSpec};
+use serde_json::Value;
+use tokio::signal::unix::{signal, SignalKind};
+
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const SERVICE: &str = "web";
+const APP_PORT: u16 = 8080;
+const SERVICE_PORT: u16 = 80;
+const HBONE_PORT: u16 = e2e::rules::HBONE_PORT;
+/// Bound on waiting for a metric or log line that follows a connection.
+const SETTLE: Duration = Duration::from_secs(10);
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-demo",
+    about = "Bring up a local two-node mesh and walk through it"
+)]
+struct Args {
+    /// Tear everything down right after the walk-through instead of waiting
+    /// for Ctrl-C.
+    #[arg(long)]
+    once: bool,
+}
+
+/// Set on SIGINT/SIGTERM and checked between steps, so every exit goes
+/// through the normal drop of the mesh (processes stopped, namespaces and
+/// files removed).
+struct Interrupt(Arc<AtomicBool>);
+
+impl Interrupt {
+    /// Installs the handlers before anything else starts, on a thread of
+    /// their own. Handlers (unlike a blocked signal mask) are not inherited
+    /// across exec, so the processes the mesh starts keep the default
+    /// behaviour and still stop on the harness's SIGTERM.
+    fn install() -> anyhow::Result<Interrupt> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the signal runtime")?;
+        let (mut int, mut term) = {
+            let _guard = rt.enter();
+            (
+                signal(SignalKind::interrupt()).context("handling SIGINT")?,
+                signal(SignalKind::terminate()).context("handling SIGTERM")?,
+            )
+        };
+        let flag = Arc::new(AtomicBool::new(false));
+        let seen = flag.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    loop {
+                        let name = tokio::select! {
+                            Some(()) = int.recv() => "SIGINT",
+                            Some(()) = term.recv() => "SIGTERM",
+                            else => return,
+                        };
+                        seen.store(true, Ordering::SeqCst);
+                        eprintln!("\nmesh-demo: {name} received, tearing the mesh down");
+                    }
+                })
+            })
+            .context("starting the signal thread")?;
+        Ok(Interrupt(flag))
+    }
+
+    fn raised(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.raised() {
+            bail!("interrupted");
+        }
+        Ok(())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let interrupt = Interrupt::install()?;
+    let args = Args::parse();
+    if !e2e::is_root() {
+        bail!("mesh-demo needs root (it creates network namespaces); run scripts/demo.sh");
+    }
+    let spec = MeshSpec::default()
+        .node("n1")
+        .node("n2")
+        .mesh_pod("n1", "client", "sleep")
+        .mesh_pod("n2", "server", "web")
+        .plain_pod("n1", "outsider")
+        .external()
+        .service(SERVICE, VIP, &[(SERVICE_PORT, APP_PORT)], &["server"])
+        // Plain log files: the demo shows lines of them.
+        .ztunnel_env("NO_COLOR", "1");
+    println!("Starting two nodes, three pods, an external host and a ztunnel per node...");
+    let mesh = Mesh::start(spec).context("starting the mesh")?;
+    let demo = Demo {
+        mesh: &mesh,
+        interrupt: &interrupt,
+        marker: format!("demo-marker-{}", std::process::id()),
+    };
+    let result = demo.run(args.once);
+    if result.is_err() && !interrupt.raised() {
+        eprintln!("{}", mesh.ztunnel_logs());
+    }
+    println!("Removing namespaces, processes and files...");
+    drop(mesh);
+    println!("Done.");
+    // Ctrl-C is how the demo is meant to end, also halfway through.
+    if interrupt.raised() {
+        return Ok(());
+    }
+    result
+}
+
+struct Demo<'a> {
+    mesh: &'a Mesh,
+    interrupt: &'a Interrupt,
+    /// A string sent with the meshed request and the plaintext request, then
+    /// looked for in the captures.
+    marker: String,
+}
+
+/// What a `mesh-app http-get` printed.
+struct Reply {
+    code: i32,
+    status: String,
+    body: Value,
+    raw: String,
+}
+
+impl Demo<'_> {
+    fn run(&self, once: bool) -> anyhow::Result<()> {
+        let t = &self.mesh.topo;
+        self.mesh.spawn_app(
+            t.pod("server"),
+            "http-server",
+            &[
+                "http-server",
+                "--port",
+                &APP_PORT.to_string(),
+                "--name",
+                "server",
+            ],
+        )?;
+        self.mesh.spawn_app(
+            t.external(),
+            "http-external",
+            &[
+                "http-server",
+                "--port",
+                &APP_PORT.to_string(),
+                "--name",
+                "external",
+            ],
+        )?;
+        t.wait_for_tcp(t.pod("server"), t.pod("server").addr(APP_PORT))?;
+        t.wait_for_tcp(t.external(), t.external().addr(APP_PORT))?;
+
+        self.topology();
+        self.interrupt.check()?;
+        let hbone_pcap = self.hbone_request()?;
+        self.interrupt.check()?;
+        self.ztunnel_view()?;
+        self.interrupt.check()?;
+        self.metrics()?;
+        self.interrupt.check()?;
+        let plain_pcap = self.passthrough()?;
+        self.interrupt.check()?;
+        self.non_mesh_client()?;
+        self.interrupt.check()?;
+        self.on_the_wire(&hbone_pcap, &plain_pcap)?;
+        self.interrupt.check()?;
+        if once {
+            return Ok(());
+        }
+        self.wait_for_ctrl_c()
+    }
+
+    // ------------------------------------------------------------ sections
+
+    fn topology(&self) {
+        let t = &self.mesh.topo;
+        let spec = &self.mesh.spec;
+        heading("1. Topology");
+        println!("Every node, pod and host is a network namespace; nodes meet on one L2 bridge.\n");
+        let mut rows = vec![row(&["NODE", "ADDRESS", "POD CIDR", "ZTUNNEL", "NETNS"])];
+        for n in t.nodes() {
+            let z = self
+                .mesh
+                .ztunnel(n.name())
+                .map(|p| format!("running, pid {}", p.pid()))
+                .unwrap_or_else(|| "-".into());
+            rows.push(row(&[
+                n.name(),
+                &n.ip().to_string(),
+                &n.pod_cidr().to_string(),
+                &z,
+                n.netns_name(),
+            ]));
+        }
+        print_table(&rows);
+        println!();
+        let mut rows = vec![row(&[
+            "POD",
+            "NODE",
+            "ADDRESS",
+            "IN MESH",
+            "SERVICE ACCOUNT",
+            "NETNS",
+        ])];
+        for p in t.pods() {
+            let sa = spec
+                .mesh_pods
+                .iter()
+                .find(|(_, name, _)| name == p.name())
+                .map(|(_, _, sa)| sa.as_str());
+            let enrolled = if sa.is_some() {
+                "yes (in-pod rules, ztunnel)"
+            } else {
+                "no"
+            };
+            rows.push(row(&[
+                p.name(),
+                p.node_name(),
+                &p.ip().to_string(),
+                enrolled,
+                sa.unwrap_or("-"),
+                p.netns_name(),
+            ]));
+        }
+        print_table(&rows);
+        println!();
+        let mut rows = vec![row(&["SERVICE", "VIP", "PORTS", "ENDPOINTS"])];
+        for s in &spec.services {
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|(sp, tp)| format!("{sp}->{tp}"))
+                .collect();
+            rows.push(row(&[
+                &s.name,
+                &s.vip.to_string(),
+                &ports.join(","),
+                &s.endpoints.join(","),
+            ]));
+        }
+        print_table(&rows);
+        println!(
+            "\nExternal host (outside the cluster): {} on the node network, serving HTTP on {APP_PORT}.",
+            t.external().ip()
+        );
+    }
+
+    /// The client calls the service VIP; returns the capture taken on n2's
+    /// link meanwhile.
+    fn hbone_request(&self) -> anyhow::Result<Vec<u8>> {
+        let t = &self.mesh.topo;
+        heading("2. client (n1) -> service VIP -> server (n2), over HBONE");
+        let url = format!("http://{}/{}", vip(), self.marker);
+        println!(
+            "The client pod calls the VIP in plain HTTP. Its in-pod rules send the connection to\n\
+             n1's ztunnel, which picks the endpoint (server, on n2) and opens an HTTP/2 CONNECT\n\
+             stream to {}:15008 over mutual TLS; n2's ztunnel hands it to the server.\n",
+            t.pod("server").ip()
+        );
+        let cap = t.capture(t.bridge(), &t.node("n2").bridge_port(), "tcp")?;
+        let header = format!("x-demo-marker: {}", self.marker);
+        let reply = self.get("client", &url, &["-H", &header])?;
+        let pcap = cap.stop()?;
+        self.show_reply(&reply);
+        if reply.code != 0 {
+            bail!("the request failed (exit {}): {}", reply.code, reply.raw);
+        }
+        let client_ip = t.pod("client").ip().to_string();
+        println!(
+            "\nAnswered by {} on n2; it saw the client as {} ({}): ztunnel on n2 connected\n\
+             from the client's own address, so the application sees who really called.",
+            reply.body["server"].as_str().unwrap_or("?"),
+            reply.body["client_ip"].as_str().unwrap_or("?"),
+            if reply.body["client_ip"] == client_ip.as_str() {
+                "the client pod's IP"
+            } else {
+                "NOT the client pod's IP"
+            }
+        );
+        self.show_logs(&[("n1", "connection complete"), ("n2", "connection complete")]);
+        Ok(pcap)
+    }
+
+    fn ztunnel_view(&self) -> anyhow::Result<()> {
+        heading("3. What ztunnel on n1 knows (/config_dump, as istioctl ztunnel-config shows it)");
+        let dump = self.mesh.config_dump("n1")?;
+        println!("$ istioctl ztunnel-config workload   # equivalent\n");
+        let mut rows = vec![row(&[
+            "NAMESPACE",
+            "POD NAME",
+            "ADDRESS",
+            "NODE",
+            "WAYPOINT",
+            "PROTOCOL",
+        ])];
+        for w in dump["workloads"].as_array().into_iter().flatten() {
+            let ips: Vec<&str> = w["workloadIps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            rows.push(vec![
+                text(&w["namespace"]),
+                text(&w["name"]),
+                ips.join(","),
+                text(&w["node"]),
+                waypoint(&w["waypoint"]),
+                protocol(&w["protocol"]),
+            ]);
+        }
+        print_table(&rows);
+        println!("\n$ istioctl ztunnel-config service   # equivalent\n");
+        let mut rows = vec![row(&[
+            "NAMESPACE",
+            "SERVICE NAME",
+            "SERVICE VIP",
+            "WAYPOINT",
+            "ENDPOINTS",
+        ])];
+        for s in dump["services"].as_array().into_iter().flatten() {
+            let vips: Vec<String> = s["vips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                // `<network>/<ip>`: the column shows the address.
+                .map(|v| v.rsplit('/').next().unwrap_or(v).to_string())
+                .collect();
+            let endpoints: Vec<&Value> = s["endpoints"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+                .collect();
+            let healthy = endpoints
+                .iter()
+                .filter(|e| e["status"] == "Healthy")
+                .count();
+            rows.push(vec![
+                text(&s["namespace"]),
+                text(&s["name"]),
+                vips.join(","),
+                waypoint(&s["waypoint"]),
+                format!("{healthy}/{}", endpoints.len()),
+            ]);
+        }
+        print_table(&rows);
+        let held: Vec<&String> = dump["workloadState"]
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.keys())
+            .collect();
+        let certs: Vec<&str> = dump["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["identity"].as_str())
+            .collect();
+        println!(
+            "\nPods whose network namespace this ztunnel listens in: {}",
+            list(&held)
+        );
+        println!("Certificates it holds for them: {}", list(&certs));
+        Ok(())
+    }
+
+    fn metrics(&self) -> anyhow::Result<()> {
+        heading("4. Istio metrics for that connection (:15020/metrics)");
+        let service = format!("destination_service=\"{}\"", e2e::mesh::hostname(SERVICE));
+        let src = self.wait_metric("n1", &["reporter=\"source\"", &service])?;
+        let dst = self.wait_metric(
+            "n2",
+            &[
+                "reporter=\"destination\"",
+                "destination_workload=\"server\"",
+            ],
+        )?;
+        println!("ztunnel on n1, as the client's side (reporter=source):");
+        for l in &src {
+            println!("  {}", abridge(l));
+        }
+        println!("ztunnel on n2, as the server's side (reporter=destination):");
+        for l in &dst {
+            println!("  {}", abridge(l));
+        }
+        println!(
+            "\n(labels abridged; the full lines have Istio's whole label set. n2's ztunnel knows\n\
+             the client's identity from its TLS certificate: source_principal above.)"
+        );
+        Ok(())
+    }
+
+    /// The client calls the external host; returns the capture of the
+    /// external host's link.
+    fn passthrough(&self) -> anyhow::Result<Vec<u8>> {
+        let t = &self.mesh.topo;
+        let ext = t.external();
+        heading("5. client (n1) -> a host outside the mesh: passthrough");
+        println!(
+            "{} is not a workload ztunnel knows, so n1's ztunnel forwards the captured\n\
+             connection as it is: plain TCP, from the client's address.\n",
+            ext.ip()
+        );
+        let cap = t.capture(t.bridge(), ext.bridge_port(), "tcp")?;
+        let url = format!("http://{}:{APP_PORT}/{}", ext.ip(), self.marker);
+        let header = format!("x-demo-marker: {}", self.marker);
+        let reply = self.get("client", &url, &["-H", &header])?;
+        let pcap = cap.stop()?;
+        self.show_reply(&reply);
+        if reply.code != 0 {
+            bail!(
+                "the passthrough request failed (exit {}): {}",
+                reply.code,
+                reply.raw
+            );
+        }
+        let lines = self.wait_metric(
+            "n1",
+            &[
+                "reporter=\"source\"",
+                "connection_security_policy=\"none\"",
+                "destination_workload=\"unknown\"",
+            ],
+        )?;
+        println!("\nztunnel on n1 counts it as a connection that is not mutual TLS:");
+        for l in &lines {
+            println!("  {}", abridge(l));
+        }
+        self.show_logs(&[("n1", "passthrough")]);
+        Ok(pcap)
+    }
+
+    fn non_mesh_client(&self) -> anyhow::Result<()> {
+        let t = &self.mesh.topo;
+        let server = t.pod("server");
+        heading("6. outsider (n1, not in the mesh) -> server (n2)");
+        println!(
+            "A pod outside the mesh has no ztunnel of its own: it sends plain TCP. The server's\n\
+             in-pod rules hand it to n2's ztunnel (port 15006), which delivers it to the server.\n"
+        );
+        let url = format!("http://{}:{APP_PORT}/from-outside", server.ip());
+        let reply = self.get("outsider", &url, &[])?;
+        self.show_reply(&reply);
+        if reply.code != 0 {
+            bail!("the request failed (exit {}): {}", reply.code, reply.raw);
+        }
+        let lines = self.wait_metric(
+            "n2",
+            &[
+                "reporter=\"destination\"",
+                "connection_security_policy=\"none\"",
+                "destination_workload=\"server\"",
+            ],
+        )?;
+        println!("\nztunnel on n2 counts it as plaintext (connection_security_policy=none):");
+        for l in &lines {
+            println!("  {}", abridge(l));
+        }
+        Ok(())
+    }
+
+    fn on_the_wire(&self, hbone: &[u8], plain: &[u8]) -> anyhow::Result<()> {
+        let t = &self.mesh.topo;
+        heading("7. On the wire");
+        println!(
+            "Both requests carried the marker {:?} in the URL and a header.\n",
+            self.marker
+        );
+        println!("Capture on n2's link to the bridge during the HBONE request (section 2):");
+        let frames = capture::packets(hbone)?;
+        println!("  {} TCP packets; flows:", frames.len());
+        for line in flows(&frames) {
+            println!("    {line}");
+        }
+        let seen = capture::contains(hbone, self.marker.as_bytes());
+        let only_hbone = frames
+            .iter()
+            .filter_map(|f| tcp_of(f))
+            .all(|(_, sport, _, dport, _)| sport == HBONE_PORT || dport == HBONE_PORT);
+        println!(
+            "  marker visible in clear: {}",
+            match (seen, only_hbone) {
+                (true, _) => "YES (unexpected: the tunnel should be encrypted)",
+                (false, true) =>
+                    "no; every packet on the node link was to or from port 15008 (TLS)",
+                (false, false) => "no",
+            }
+        );
+        println!(
+            "\nCapture on the external host's link ({}) during the passthrough request (section 5):",
+            t.external().ip()
+        );
+        let frames = capture::packets(plain)?;
+        println!("  {} TCP packets; flows:", frames.len());
+        for line in flows(&frames) {
+            println!("    {line}");
+        }
+        let seen = capture::contains(plain, self.marker.as_bytes());
+        println!(
+            "  marker visible in clear: {}",
+            if seen {
+                "yes"
+            } else {
+                "no (unexpected for plain HTTP)"
+            }
+        );
+        for text in [
+            format!("GET /{} HTTP/1.1", self.marker),
+            format!("x-demo-marker: {}", self.marker),
+        ] {
+            if capture::contains(plain, text.as_bytes()) {
+                println!("    readable in the captured bytes: {text:?}");
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_for_ctrl_c(&self) -> anyhow::Result<()> {
+        let t = &self.mesh.topo;
+        heading("The mesh is up");
+        let app = e2e::app::mesh_app()?;
+        let app = app.display();
+        let client = t.pod("client").netns_name();
+        let n1 = t.node("n1").netns_name();
+        println!("Try, as root, in another terminal:\n");
+        println!("  # a shell inside the client pod (enrolled, on n1)");
+        println!("  ip netns exec {client} bash");
+        println!("  # the service through the mesh, from the client pod");
+        println!(
+            "  ip netns exec {client} {app} http-get http://{}/hello",
+            vip()
+        );
+        println!("  ip netns exec {client} curl -s http://{}/hello", vip());
+        println!("  # the client pod's capture rules");
+        println!(
+            "  ip netns exec {client} nft list table inet {}",
+            e2e::rules::TABLE
+        );
+        println!("  # ztunnel's admin and metrics endpoints, inside node n1");
+        println!("  ip netns exec {n1} curl -s localhost:15000/config_dump");
+        println!("  ip netns exec {n1} curl -s localhost:15020/metrics | grep istio_");
+        println!("\nOther namespaces:");
+        for p in t.pods() {
+            println!("  pod {:<9} {}", p.name(), p.netns_name());
+        }
+        for n in t.nodes() {
+            println!("  node {:<8} {}", n.name(), n.netns_name());
+        }
+        println!("  external       {}", t.external().netns_name());
+        println!("\nztunnel logs (tail -f them):");
+        for n in t.nodes() {
+            if let Some(z) = self.mesh.ztunnel(n.name()) {
+                println!(
+                    "  {}: {}  (stderr: {})",
+                    n.name(),
+                    z.stdout_path().display(),
+                    z.stderr_path().display()
+                );
+            }
+        }
+        println!("\nPress Ctrl-C to stop; everything above is removed on exit.");
+        while !self.interrupt.raised() {
+            for n in t.nodes() {
+                if let Some(z) = self.mesh.ztunnel(n.name()) {
+                    if !z.is_running() {
+                        bail!(
+                            "ztunnel on {} exited:\n{}{}",
+                            n.name(),
+                            z.stdout(),
+                            z.stderr()
+                        );
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ helpers
+
+    fn get(&self, pod: &str, url: &str, extra: &[&str]) -> anyhow::Result<Reply> {
+        let mut args = vec!["http-get", url, "-m", "10"];
+        args.extend_from_slice(extra);
+        let pod_ns = self.mesh.topo.pod(pod);
+        println!(
+            "$ ip netns exec {} mesh-app {}",
+            pod_ns.netns_name(),
+            shell_words(&args)
+        );
+        let out = self.mesh.app(pod_ns, &args)?;
+        let status = out.stdout.lines().next().unwrap_or("").to_string();
+        let body = out
+            .stdout
+            .find('{')
+            .and_then(|i| serde_json::from_str(out.stdout[i..].trim()).ok())
+            .unwrap_or(Value::Null);
+        Ok(Reply {
+            code: out.code().unwrap_or(-1),
+            status,
+            body,
+            raw: format!("{}{}", out.stdout, out.stderr),
+        })
+    }
+
+    fn show_reply(&self, reply: &Reply) {
+        println!("{}", reply.status);
+        if reply.body.is_null() {
+            println!("{}", reply.raw.trim_end());
+            return;
+        }
+        let b = &reply.body;
+        let mut shown = serde_json::Map::new();
+        for key in ["server", "client_ip", "local", "path"] {
+            shown.insert(key.into(), b[key].clone());
+        }
+        if let Some(m) = b["headers"].get("x-demo-marker") {
+            shown.insert("headers[x-demo-marker]".into(), m.clone());
+        }
+        let pretty = serde_json::to_string_pretty(&Value::Object(shown)).unwrap_or_default();
+        println!("{pretty}");
+        println!("(response body, abridged)");
+    }
+
+    /// Polls a node's metrics until lines of `istio_tcp_connections_opened_total`
+    /// with all of `labels` show up (bounded).
+    fn wait_metric(&self, node: &str, labels: &[&str]) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let text = self.mesh.metrics(node)?;
+            let lines: Vec<String> = text
+                .lines()
+                .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+                .filter(|l| labels.iter().all(|want| l.contains(want)))
+                .map(String::from)
+                .collect();
+            if !lines.is_empty() {
+                return Ok(lines);
+            }
+            if Instant::now() > deadline {
+                bail!("no istio_tcp_connections_opened_total with {labels:?} on {node}:\n{text}");
+            }
+            self.interrupt.check()?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Shows the newest log line of each node's ztunnel containing the
+    /// given text; such lines follow a connection's end, so wait for them.
+    fn show_logs(&self, wanted: &[(&str, &str)]) {
+        println!("\nztunnel log lines for it:");
+        for (node, needle) in wanted {
+            let deadline = Instant::now() + SETTLE;
+            let line = loop {
+                let logs = self
+                    .mesh
+                    .ztunnel(node)
+                    .map(|z| z.stdout() + &z.stderr())
+                    .unwrap_or_default();
+                let found = logs
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains(needle))
+                    .map(strip_ansi);
+                if found.is_some() || Instant::now() > deadline || self.interrupt.raised() {
+                    break found;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            println!(
+                "  {node}: {}",
+                line.unwrap_or_else(|| format!("(no line with {needle:?} yet)"))
+            );
+        }
+    }
+}
+
+// ------------------------------------------------------------ formatting
+
+fn vip() -> Ipv4Addr {
+    Ipv4Addr::from(VIP)
+}
+
+fn heading(title: &str) {
+    println!("\n{}\n{title}\n{}", "=".repeat(78), "=".repeat(78));
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+/// Left-aligned columns, as kubectl and istioctl print them.
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn waypoint(v: &Value) -> String {
+    match v {
+        Value::Null => "None".into(),
+        Value::String(s) if s.is_empty() => "None".into(),
+        other => text(other),
+    }
+}
+
+/// The dump says `NONE` for workloads reached in plain TCP; istioctl shows
+/// that as TCP.
+fn protocol(v: &Value) -> String {
+    match v.as_str() {
+        Some("NONE") | Some("") | None => "TCP".into(),
+        Some(p) => p.to_string(),
+    }
+}
+
+fn list<S: AsRef<str>>(items: &[S]) -> String {
+    if items.is_empty() {
+        "(none)".into()
+    } else {
+        items
+            .iter()
+            .map(|s| s.as_ref())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn shell_words(args: &[&str]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:=".contains(c))
+            {
+                a.to_string()
+            } else {
+                format!("'{a}'")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Labels of a metric line worth reading, in this order.
+const SHOWN_LABELS: &[&str] = &[
+    "reporter",
+    "source_workload",
+    "source_principal",
+    "destination_workload",
+    "destination_service",
+    "destination_principal",
+    "connection_security_policy",
+];
+
+/// `name{a="1",b="2",...} value` with only [`SHOWN_LABELS`].
+fn abridge(line: &str) -> String {
+    let Some((name, rest)) = line.split_once('{') else {
+        return line.to_string();
+    };
+    let Some((labels, value)) = rest.rsplit_once('}') else {
+        return line.to_string();
+    };
+    let parsed = parse_labels(labels);
+    let shown: Vec<String> = SHOWN_LABELS
+        .iter()
+        .filter_map(|k| parsed.get(*k).map(|v| format!("{k}=\"{v}\"")))
+        .collect();
+    format!("{name}{{{}}}{value}", shown.join(","))
+}
+
+/// `a="1",b="x\"y"` into a map (values kept escaped).
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut rest = s;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    value.push(c);
+                    if let Some((_, n)) = chars.next() {
+                        value.push(n);
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                _ => value.push(c),
+            }
+        }
+        out.insert(key.trim_start_matches(',').trim().to_string(), value);
+        rest = &after[end..];
+    }
+    out
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI sequences end with a letter.
+            for n in chars.by_ref() {
+                if n.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// One TCP flow of a capture: the endpoint with the lower port is called the
+/// server side.
+fn flows(frames: &[&[u8]]) -> Vec<String> {
+    let mut seen: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
+    for f in frames {
+        let Some((src, sport, dst, dport, payload)) = tcp_of(f) else {
+            continue;
+        };
+        let a = format!("{src}:{sport}");
+        let b = format!("{dst}:{dport}");
+        let key = if sport < dport { (b, a) } else { (a, b) };
+        let e = seen.entry(key).or_default();
+        e.0 += 1;
+        e.1 += payload;
+    }
+    let mut lines: Vec<String> = seen
+        .iter()
+        .map(|((client, server), (n, bytes))| {
+            format!("{client} <-> {server}: {n} packets, {bytes} payload bytes")
+        })
+        .collect();
+    if lines.is_empty() {
+        lines.push("(none)".into());
+    }
+    lines
+}
+
+/// (source, source port, destination, destination port, payload length) of
+/// an Ethernet/IPv4/TCP frame.
+fn tcp_of(frame: &[u8]) -> Option<(Ipv4Addr, u16, Ipv4Addr, u16, usize)> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    if ethertype != 0x0800 {
+        return None;
+    }
+    let ip = frame.get(14..)?;
+    let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+    if *ip.get(9)? != 6 || ihl < 20 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+    let addr = |at: usize| -> Option<Ipv4Addr> {
+        let b = ip.get(at..at + 4)?;
+        Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    };
+    let tcp = ip.get(ihl..)?;
+    let sport = u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]);
+    let dport = u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]);
+    let data_offset = usize::from(*tcp.get(12)? >> 4) * 4;
+    let payload = total.saturating_sub(ihl + data_offset);
+    Some((addr(12)?, sport, addr(16)?, dport, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abridges_metric_lines() {
+        let line = r#"istio_tcp_connections_opened_total{reporter="source",request_protocol="tcp",source_workload="client",destination_service="web.default.svc.cluster.local",connection_security_policy="mutual_tls"} 3"#;
+        assert_eq!(
+            abridge(line),
+            r#"istio_tcp_connections_opened_total{reporter="source",source_workload="client",destination_service="web.default.svc.cluster.local",connection_security_policy="mutual_tls"} 3"#
+        );
+        assert_eq!(abridge("no_labels 1"), "no_labels 1");
+    }
+
+    #[test]
+    fn label_values_may_hold_quotes_and_commas() {
+        let labels = parse_labels(r#"a="x\"y,z",b="",c="3""#);
+        assert_eq!(labels["a"], r#"x\"y,z"#);
+        assert_eq!(labels["b"], "");
+        assert_eq!(labels["c"], "3");
+    }
+
+    fn frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x08, 0x00]);
+        let total = (20 + 20 + payload) as u16;
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&total.to_be_bytes());
+        ip.extend_from_slice(&[0, 0, 0, 0, 64, 6, 0, 0]);
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        f.extend_from_slice(&ip);
+        let mut tcp = vec![0u8; 20];
+        tcp[..2].copy_from_slice(&sport.to_be_bytes());
+        tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+        tcp[12] = 5 << 4;
+        f.extend_from_slice(&tcp);
+        f.extend(std::iter::repeat_n(b'x', payload));
+        f
+    }
+
+    #[test]
+    fn groups_packets_into_flows() {
+        let a = frame([10, 244, 1, 2], 40000, [10, 244, 2, 2], 15008, 100);
+        let b = frame([10, 244, 2, 2], 15008, [10, 244, 1, 2], 40000, 0);
+        let frames: Vec<&[u8]> = vec![&a, &b, &a[..20]];
+        assert_eq!(
+            flows(&frames),
+            ["10.244.1.2:40000 <-> 10.244.2.2:15008: 2 packets, 100 payload bytes"]
+        );
+        assert_eq!(flows(&[]), ["(none)"]);
+    }
+
+    #[test]
+    fn strips_terminal_colours() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
+            "2026  INFO x"
+        );
+    }
+
+    #[test]
+    fn dump_columns_read_like_istioctl() {
+        assert_eq!(protocol(&Value::String("NONE".into())), "TCP");
+        assert_eq!(protocol(&Value::String("HBONE".into())), "HBONE");
+        assert_eq!(waypoint(&Value::Null), "None");
+        assert_eq!(
+            shell_words(&["http-get", "x-demo: a b"]),
+            "http-get 'x-demo: a b'"
+        );
+    }
+}
