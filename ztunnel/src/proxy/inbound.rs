@@ -58,7 +58,7 @@ async fn serve(
     let cfg = pod.server_tls(&cert)?;
     let tls = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await?;
     let client_id = tls::peer_identity(tls.get_ref().1);
-    tracing::debug!(src.identity = ?client_id.as_ref().map(|i| i.to_string()), "mTLS established");
+    tracing::debug!(src.identity = %display_identity(&client_id), "mTLS established");
     let handler = {
         let pi = pi.clone();
         let pod = pod.clone();
@@ -100,12 +100,7 @@ async fn stream_request(
     let labels = TcpLabels::new(
         Reporter::destination,
         src_wl.as_deref(),
-        Some(
-            client_id
-                .as_ref()
-                .map(|i| i.to_string())
-                .unwrap_or_else(|| "unknown".into()),
-        ),
+        client_id.as_ref().map(|i| i.to_string()),
         dst_wl.as_deref(),
         service.as_deref(),
         SecurityPolicy::mutual_tls,
@@ -134,7 +129,7 @@ async fn stream_request(
             rec.received(recv);
             rec.sent(sent);
             tracing::info!(
-                src.identity = ?client_id.as_ref().map(|i| i.to_string()),
+                src.identity = %display_identity(&client_id),
                 dst.addr = %target,
                 bytes_recv = recv,
                 bytes_sent = sent,
@@ -143,4 +138,10 @@ async fn stream_request(
         }
         Err(e) => tracing::debug!(error = %e, "inbound copy ended with error"),
     }
+}
+
+fn display_identity(id: &Option<Identity>) -> String {
+    id.as_ref()
+        .map(|i| i.to_string())
+        .unwrap_or_else(|| "unknown".into())
 }
