@@ -14,6 +14,9 @@ use mesh_core::identity::Identity;
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const VIP_STR: &str = "10.96.0.10";
+/// `mesh-app http-get` exit codes (curl's): connection refused, reset.
+const REFUSED: i32 = 7;
+const RESET: i32 = 56;
 
 fn root_or_skip() -> bool {
     if !e2e::is_root() {
@@ -70,10 +73,15 @@ fn start(spec: MeshSpec) -> Mesh {
 
 /// `mesh-app http-get` from a pod; returns (exit code, parsed JSON body).
 fn get(mesh: &Mesh, pod: &str, url: &str, extra: &[&str]) -> (i32, serde_json::Value) {
-    let mut args = vec!["http-get", url, "-m", "10"];
+    let mut args = vec!["http-get", url];
+    if !extra.contains(&"-m") {
+        args.extend_from_slice(&["-m", "10"]);
+    }
     args.extend_from_slice(extra);
     let out = mesh.app(mesh.topo.pod(pod), &args).unwrap();
     let code = out.code().unwrap_or(-1);
+    // 2 is a usage error of mesh-app itself: a broken test, not a verdict.
+    assert_ne!(code, 2, "mesh-app usage error: {}", out.stderr);
     // `HTTP/1.1 200 OK` then the JSON body.
     let json = out.stdout.find('{').map(|i| &out.stdout[i..]).unwrap_or("");
     let body = serde_json::from_str(json.trim()).unwrap_or(serde_json::Value::Null);
@@ -383,7 +391,7 @@ fn client_refuses_a_server_with_the_wrong_identity() {
             .unwrap_or(false)
     });
     let (code, body) = get(&mesh, "client", &format!("http://{VIP_STR}/"), &[]);
-    assert_ne!(code, 0, "request must fail, got {body}");
+    assert_eq!(code, RESET, "request must be reset, got {body}");
     assert_ne!(body["server"], "b1");
     eventually("the refusal is logged", || {
         let logs = mesh.ztunnel_logs();
@@ -650,7 +658,10 @@ fn graceful_shutdown_lets_an_open_connection_finish() {
         &format!("http://{VIP_STR}/new"),
         &["--connect-timeout", "2"],
     );
-    assert_ne!(code, 0, "a new connection was accepted while draining");
+    assert_eq!(
+        code, REFUSED,
+        "a new connection was accepted while draining"
+    );
     // ...while the open one keeps working.
     line.clear();
     w.write_all(b"during drain\n").unwrap();
@@ -695,7 +706,7 @@ fn pod_removed_by_the_agent_is_no_longer_served() {
         &format!("http://{}:8080/", t.pod("b1").ip()),
         &["--connect-timeout", "3"],
     );
-    assert_ne!(code, 0, "a removed pod's traffic went out");
+    assert_eq!(code, REFUSED, "a removed pod's traffic went out");
     // And nothing answers HBONE for it: the client's connection fails.
     let (code, body) = get(
         &mesh,
@@ -703,7 +714,7 @@ fn pod_removed_by_the_agent_is_no_longer_served() {
         &url,
         &["--connect-timeout", "3", "-m", "8"],
     );
-    assert_ne!(code, 0, "removed pod still served: {body}");
+    assert_eq!(code, RESET, "removed pod still served: {body}");
     // The other pods of the node are untouched.
     let (code, body) = get(&mesh, "client", &format!("http://{VIP_STR}/"), &[]);
     assert_eq!(code, 0, "{body}");
@@ -721,4 +732,55 @@ fn restarted_ztunnel_gets_the_snapshot_again() {
     let (code, body) = get(&mesh, "client", &format!("http://{VIP_STR}/again"), &[]);
     assert_eq!(code, 0, "{body}\n{}", mesh.ztunnel_logs());
     assert_eq!(body["server"], "b1");
+}
+
+#[test]
+fn without_mesh_state_traffic_is_held_not_passed_through_in_plaintext() {
+    if !root_or_skip() {
+        return;
+    }
+    let mesh = start(spec().ztunnel_env("CONNECT_TIMEOUT", "2s"));
+    let t = &mesh.topo;
+    let good = mesh.state_yaml();
+    // n1's ztunnel restarts with a state file it cannot use: it gets its pods
+    // from the node agent but does not know the mesh.
+    mesh.write_state(
+        "n1",
+        "addresses: [ {workload: {uid: 3, tunnelProtocol: NOPE}} ]\n",
+    )
+    .unwrap();
+    mesh.start_ztunnel("n1").unwrap();
+    eventually("pods handed over", || {
+        mesh.config_dump("n1")
+            .map(|d| d["workloadState"].as_object().is_some_and(|o| o.len() == 2))
+            .unwrap_or(false)
+    });
+    let (ready, body) = mesh.http_get_node("n1", 15021, "/healthz/ready").unwrap();
+    assert!(!ready, "ready without state: {body}");
+    assert!(body.contains("state"), "{body}");
+    // b1 would accept plaintext on 15006, so a pass-through would succeed:
+    // the request must fail instead.
+    let url = format!("http://{}:8080/held", t.pod("b1").ip());
+    let (code, body) = get(&mesh, "client", &url, &["-m", "8"]);
+    assert_eq!(
+        code, RESET,
+        "traffic left unprotected before the mesh state arrived: {body}"
+    );
+    mesh.write_state("n1", &good).unwrap();
+    eventually("traffic flows once the state is loaded", || {
+        get(&mesh, "client", &url, &[]).0 == 0
+    });
+    let m2 = mesh.metrics("n2").unwrap();
+    assert!(
+        metric_lines(
+            &m2,
+            "istio_tcp_connections_opened_total",
+            &[
+                "connection_security_policy=\"none\"",
+                "source_workload=\"client\""
+            ]
+        )
+        .is_empty(),
+        "client traffic arrived in plaintext:\n{m2}"
+    );
 }

@@ -166,10 +166,23 @@ struct Inner {
 }
 
 /// Shared, concurrently readable view of the mesh.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ProxyState {
     inner: Arc<RwLock<Inner>>,
     rr: Arc<AtomicUsize>,
+    /// Becomes true with the first full state. Until then no destination
+    /// can be told apart from one outside the mesh, so connections wait.
+    loaded: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for ProxyState {
+    fn default() -> Self {
+        ProxyState {
+            inner: Default::default(),
+            rr: Default::default(),
+            loaded: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
 }
 
 /// A validated set of resources, ready to replace the state in one step.
@@ -509,6 +522,14 @@ impl ProxyState {
                 .insert(format!("{}/{}", p.namespace, p.name), p);
         }
         *self.inner.write().unwrap_or_else(|e| e.into_inner()) = next;
+        self.loaded.send_replace(true);
+    }
+
+    /// Wait until a first full state has been applied.
+    pub async fn wait_loaded(&self) {
+        let mut rx = self.loaded.subscribe();
+        // The sender lives in `self`, so this cannot fail while we wait.
+        let _ = rx.wait_for(|loaded| *loaded).await;
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {

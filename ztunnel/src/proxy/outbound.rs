@@ -29,6 +29,18 @@ pub async fn handle(pi: &Arc<ProxyInputs>, pod: &Arc<Pod>, stream: TcpStream, pe
     };
     let span = tracing::info_span!("outbound", src.addr = %peer, dst.addr = %dst, src.workload = %pod.name);
     async move {
+        // Fail closed: before the first state arrives a mesh destination
+        // looks like one outside the mesh and would be passed through in
+        // plaintext. Hold the connection for a while, then refuse it.
+        if tokio::time::timeout(pi.cfg.connect_timeout, pi.state.wait_loaded())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "mesh state not loaded yet; refusing the connection rather than passing it through"
+            );
+            return reset(stream);
+        }
         let network = pod.network(pi);
         match pi.state.resolve(&network, dst) {
             Resolution::Upstream(up) if up.workload.protocol == Protocol::Hbone => {
