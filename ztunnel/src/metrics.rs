@@ -233,7 +233,43 @@ impl ConnectionRecorder {
     pub fn set_response_flags(&mut self, flags: &str) {
         self.labels.response_flags = flags.to_string();
     }
+
+    /// Copy between the client side `client` and the server side `server`,
+    /// adding to the byte counters every few seconds while the connection
+    /// lives (so long connections show up on dashboards before they end) and
+    /// once more at the end, also when the copy fails.
+    pub async fn copy<A, B>(&self, client: &mut A, server: &mut B) -> std::io::Result<(u64, u64)>
+    where
+        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    {
+        let counters = mesh_core::copy::Counters::new();
+        let copy = mesh_core::copy::copy_bidirectional_with(client, server, &counters);
+        tokio::pin!(copy);
+        let mut flushed = (0u64, 0u64);
+        let flush = |flushed: &mut (u64, u64)| {
+            let (up, down) = (counters.a_to_b(), counters.b_to_a());
+            self.received(up - flushed.0);
+            self.sent(down - flushed.1);
+            *flushed = (up, down);
+        };
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                res = &mut copy => {
+                    flush(&mut flushed);
+                    return res;
+                }
+                _ = tick.tick() => flush(&mut flushed),
+            }
+        }
+    }
 }
+
+/// How often a live connection's bytes are added to the counters.
+const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Drop for ConnectionRecorder {
     fn drop(&mut self) {
@@ -275,5 +311,35 @@ mod tests {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         assert!(text.contains("} 20\n"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn copy_records_bytes_in_both_directions() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let m = Metrics::new();
+        let labels = TcpLabels::new(
+            Reporter::destination,
+            None,
+            None,
+            None,
+            None,
+            SecurityPolicy::none,
+        );
+        let (mut client, mut client_side) = tokio::io::duplex(1024);
+        let (mut server_side, mut server) = tokio::io::duplex(1024);
+        let rec = ConnectionRecorder::start(m.clone(), labels.clone());
+        let proxy = tokio::spawn(async move { rec.copy(&mut client_side, &mut server_side).await });
+        client.write_all(&[1u8; 300]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        server.write_all(&[2u8; 70]).await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(proxy.await.unwrap().unwrap(), (300, 70));
+        assert_eq!(m.received.get_or_create(&labels).get(), 300);
+        assert_eq!(m.sent.get_or_create(&labels).get(), 70);
+        assert_eq!(m.closed.get_or_create(&labels).get(), 1);
     }
 }

@@ -124,10 +124,8 @@ async fn stream_request(
         }
     };
     let rec = ConnectionRecorder::start(pi.metrics.clone(), labels);
-    match mesh_core::copy::copy_bidirectional(&mut tunnel, &mut app).await {
+    match rec.copy(&mut tunnel, &mut app).await {
         Ok((recv, sent)) => {
-            rec.received(recv);
-            rec.sent(sent);
             tracing::info!(
                 src.identity = %display_identity(&client_id),
                 dst.addr = %target,

@@ -97,10 +97,8 @@ async fn plain(
     };
     let rec = ConnectionRecorder::start(pi.metrics.clone(), labels);
     tracing::debug!("passthrough");
-    match mesh_core::copy::copy_bidirectional(&mut stream, &mut upstream).await {
+    match rec.copy(&mut stream, &mut upstream).await {
         Ok((up, down)) => {
-            rec.received(up);
-            rec.sent(down);
             tracing::info!(
                 bytes_sent = up,
                 bytes_recv = down,
@@ -200,10 +198,8 @@ async fn hbone_upstream(
     };
     let rec = ConnectionRecorder::start(pi.metrics.clone(), labels);
     tracing::debug!(upstream = %up.addr, dst.workload = %up.workload.name, original = %dst, "hbone tunnel established");
-    match mesh_core::copy::copy_bidirectional(&mut stream, &mut tunnel).await {
+    match rec.copy(&mut stream, &mut tunnel).await {
         Ok((sent, recv)) => {
-            rec.received(sent);
-            rec.sent(recv);
             tracing::info!(
                 dst.workload = %up.workload.name,
                 dst.identity = %up.workload.identity(),

@@ -49,10 +49,8 @@ pub async fn handle(
             }
         };
         let rec = ConnectionRecorder::start(pi.metrics.clone(), labels);
-        match mesh_core::copy::copy_bidirectional(&mut stream, &mut app).await {
+        match rec.copy(&mut stream, &mut app).await {
             Ok((recv, sent)) => {
-                rec.received(recv);
-                rec.sent(sent);
                 tracing::info!(dst.addr = %local, bytes_recv = recv, bytes_sent = sent, "connection complete (plaintext)");
             }
             Err(e) => tracing::debug!(error = %e, "plaintext copy ended with error"),
