@@ -371,6 +371,14 @@ async fn http_get_inner(args: &HttpGet) -> Result<u8, Failure> {
                 format!("connection to {target} timed out"),
             ))
         }
+        // A reset that lands before the connect completes is still a reset
+        // (the handshake succeeded; the peer then aborted), not a refusal.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            return Err(Failure::new(
+                exit::RECV,
+                format!("connection to {target} reset by peer: {e}"),
+            ))
+        }
         Ok(Err(e)) => {
             return Err(Failure::new(
                 exit::CONNECT,
