@@ -253,9 +253,11 @@ impl ConnectionRecorder {
             self.sent(down - flushed.1);
             *flushed = (up, down);
         };
-        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        // The first flush is one interval out: an immediate first tick would
+        // still wait for the timer wheel (~1 ms) before any byte moved.
+        let start = tokio::time::Instant::now() + FLUSH_INTERVAL;
+        let mut tick = tokio::time::interval_at(start, FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
         loop {
             tokio::select! {
                 res = &mut copy => {
