@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod capture;
+pub mod interrupt;
 pub mod mesh;
 pub mod netns;
 pub mod rules;

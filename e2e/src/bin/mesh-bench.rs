@@ -22,10 +22,9 @@
 //! Needs root. Run it through `scripts/bench.sh`, which builds release
 //! binaries and points `MESH_BIN_DIR` at them.
 
+use e2e::interrupt::Interrupt;
 use std::collections::BTreeMap;
 use std::fs;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
@@ -33,7 +32,6 @@ use e2e::mesh::{Mesh, MeshSpec};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use tokio::signal::unix::{signal, SignalKind};
 
 const SINK_PORT: u16 = 5001;
 const RR_PORT: u16 = 5002;
@@ -382,59 +380,10 @@ impl Drop for Pinned {
     }
 }
 
-/// Set on SIGINT/SIGTERM and checked between steps, so every exit goes
-/// through the normal drop of the mesh (processes stopped, namespaces and
-/// files removed).
-struct Interrupt(Arc<AtomicBool>);
-
-impl Interrupt {
-    /// Installs the handlers before anything else starts, on a thread of
-    /// their own. Handlers (unlike a blocked signal mask) are not inherited
-    /// across exec, so the processes the mesh starts keep the default
-    /// behaviour and still stop on the harness's SIGTERM.
-    fn install() -> anyhow::Result<Interrupt> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the signal runtime")?;
-        let (mut int, mut term) = {
-            let _guard = rt.enter();
-            (
-                signal(SignalKind::interrupt()).context("handling SIGINT")?,
-                signal(SignalKind::terminate()).context("handling SIGTERM")?,
-            )
-        };
-        let flag = Arc::new(AtomicBool::new(false));
-        let seen = flag.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    loop {
-                        let name = tokio::select! {
-                            Some(()) = int.recv() => "SIGINT",
-                            Some(()) = term.recv() => "SIGTERM",
-                            else => return,
-                        };
-                        seen.store(true, Ordering::SeqCst);
-                        eprintln!("\nmesh-bench: {name} received, stopping after the current step and cleaning up");
-                    }
-                })
-            })
-            .context("starting the signal thread")?;
-        Ok(Interrupt(flag))
-    }
-
-    fn check(&self) -> anyhow::Result<()> {
-        if self.0.load(Ordering::SeqCst) {
-            bail!("interrupted");
-        }
-        Ok(())
-    }
-}
-
 fn main() -> anyhow::Result<()> {
-    let interrupt = Interrupt::install()?;
+    let interrupt =
+        Interrupt::install("mesh-bench: stopping after the current step and cleaning up")
+            .context("installing signal handlers")?;
     let args = Args::parse();
     if !e2e::is_root() {
         bail!("mesh-bench needs root (it creates network namespaces); run scripts/bench.sh");
@@ -478,7 +427,7 @@ fn main() -> anyhow::Result<()> {
         interrupt: &interrupt,
     };
     let outcome = bench.run();
-    if outcome.is_err() && !interrupt.0.load(Ordering::SeqCst) {
+    if outcome.is_err() && !interrupt.raised() {
         eprintln!("{}", mesh.ztunnel_logs());
     }
     let (direct, meshed, background) = outcome?;

@@ -12,10 +12,9 @@
 //! namespaces, processes, temporary files) is removed on exit, Ctrl-C
 //! included. Needs root; run it through `scripts/demo.sh`.
 
+use e2e::interrupt::Interrupt;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -23,7 +22,6 @@ use clap::Parser;
 use e2e::capture;
 use e2e::mesh::{Mesh, MeshSpec};
 use serde_json::Value;
-use tokio::signal::unix::{signal, SignalKind};
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const SERVICE: &str = "web";
@@ -45,63 +43,9 @@ struct Args {
     once: bool,
 }
 
-/// Set on SIGINT/SIGTERM and checked between steps, so every exit goes
-/// through the normal drop of the mesh (processes stopped, namespaces and
-/// files removed).
-struct Interrupt(Arc<AtomicBool>);
-
-impl Interrupt {
-    /// Installs the handlers before anything else starts, on a thread of
-    /// their own. Handlers (unlike a blocked signal mask) are not inherited
-    /// across exec, so the processes the mesh starts keep the default
-    /// behaviour and still stop on the harness's SIGTERM.
-    fn install() -> anyhow::Result<Interrupt> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the signal runtime")?;
-        let (mut int, mut term) = {
-            let _guard = rt.enter();
-            (
-                signal(SignalKind::interrupt()).context("handling SIGINT")?,
-                signal(SignalKind::terminate()).context("handling SIGTERM")?,
-            )
-        };
-        let flag = Arc::new(AtomicBool::new(false));
-        let seen = flag.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    loop {
-                        let name = tokio::select! {
-                            Some(()) = int.recv() => "SIGINT",
-                            Some(()) = term.recv() => "SIGTERM",
-                            else => return,
-                        };
-                        seen.store(true, Ordering::SeqCst);
-                        eprintln!("\nmesh-demo: {name} received, tearing the mesh down");
-                    }
-                })
-            })
-            .context("starting the signal thread")?;
-        Ok(Interrupt(flag))
-    }
-
-    fn raised(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-
-    fn check(&self) -> anyhow::Result<()> {
-        if self.raised() {
-            bail!("interrupted");
-        }
-        Ok(())
-    }
-}
-
 fn main() -> anyhow::Result<()> {
-    let interrupt = Interrupt::install()?;
+    let interrupt = Interrupt::install("mesh-demo: tearing the mesh down")
+        .context("installing signal handlers")?;
     let args = Args::parse();
     if !e2e::is_root() {
         bail!("mesh-demo needs root (it creates network namespaces); run scripts/demo.sh");
