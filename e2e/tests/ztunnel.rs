@@ -95,6 +95,31 @@ fn metric_lines(text: &str, name: &str, must_contain: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Assert that `node`'s ztunnel counted an opened connection with all of
+/// `labels`; returns the metrics text for further checks.
+fn assert_opened(mesh: &Mesh, node: &str, labels: &[&str], what: &str) -> String {
+    let text = mesh.metrics(node).unwrap();
+    assert!(
+        !metric_lines(&text, "istio_tcp_connections_opened_total", labels).is_empty(),
+        "{what}: no istio_tcp_connections_opened_total with {labels:?} on {node}:\n{text}"
+    );
+    text
+}
+
+/// A request that must succeed, answered by `server`, which must see the
+/// client pod's own address.
+fn get_ok(mesh: &Mesh, from: &str, url: &str, server: &str) -> serde_json::Value {
+    let (code, body) = get(mesh, from, url, &[]);
+    assert_eq!(code, 0, "{body}\n{}", mesh.ztunnel_logs());
+    assert_eq!(body["server"], server, "{body}");
+    assert_eq!(
+        body["client_ip"],
+        mesh.topo.pod(from).ip().to_string(),
+        "{body}"
+    );
+    body
+}
+
 /// Poll `f` until it returns true (bounded; the bound only avoids hanging).
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -111,22 +136,13 @@ fn http_through_service_vip_crosses_nodes_over_hbone() {
     }
     let mesh = start(spec());
     let t = &mesh.topo;
-    let (code, body) = get(&mesh, "client", &format!("http://{VIP_STR}/hello"), &[]);
-    assert_eq!(code, 0, "request failed: {body}\n{}", mesh.ztunnel_logs());
-    assert_eq!(body["server"], "b1", "{body}");
-    assert_eq!(body["path"], "/hello");
     // The application sees the real client address, not a proxy's.
-    assert_eq!(
-        body["client_ip"],
-        t.pod("client").ip().to_string(),
-        "{body}"
-    );
-
+    let body = get_ok(&mesh, "client", &format!("http://{VIP_STR}/hello"), "b1");
+    assert_eq!(body["path"], "/hello");
     // Source ztunnel reported it as mutual TLS to b's identity...
-    let m1 = mesh.metrics("n1").unwrap();
-    let src = metric_lines(
-        &m1,
-        "istio_tcp_connections_opened_total",
+    assert_opened(
+        &mesh,
+        "n1",
         &[
             "reporter=\"source\"",
             "destination_service=\"b.default.svc.cluster.local\"",
@@ -134,20 +150,19 @@ fn http_through_service_vip_crosses_nodes_over_hbone() {
             "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
             "connection_security_policy=\"mutual_tls\"",
         ],
+        "source side",
     );
-    assert!(!src.is_empty(), "no source-side metric in\n{m1}");
     // ...and the destination ztunnel saw the client's certificate identity.
-    let m2 = mesh.metrics("n2").unwrap();
-    let dst = metric_lines(
-        &m2,
-        "istio_tcp_connections_opened_total",
+    assert_opened(
+        &mesh,
+        "n2",
         &[
             "reporter=\"destination\"",
             "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
             "destination_workload=\"b1\"",
         ],
+        "destination side",
     );
-    assert!(!dst.is_empty(), "no destination-side metric in\n{m2}");
     eventually("bytes counted on n2", || {
         let m2 = mesh.metrics("n2").unwrap();
         metric_lines(
@@ -220,29 +235,17 @@ fn pod_to_pod_on_the_same_node_goes_through_ztunnel() {
         return;
     }
     let mesh = start(spec());
-    let t = &mesh.topo;
-    let (code, body) = get(
+    let url = format!("http://{}:8080/same", mesh.topo.pod("b2").ip());
+    get_ok(&mesh, "client", &url, "b2");
+    assert_opened(
         &mesh,
-        "client",
-        &format!("http://{}:8080/same", t.pod("b2").ip()),
-        &[],
-    );
-    assert_eq!(code, 0, "{body}\n{}", mesh.ztunnel_logs());
-    assert_eq!(body["server"], "b2");
-    assert_eq!(body["client_ip"], t.pod("client").ip().to_string());
-    let m1 = mesh.metrics("n1").unwrap();
-    assert!(
-        !metric_lines(
-            &m1,
-            "istio_tcp_connections_opened_total",
-            &[
-                "reporter=\"destination\"",
-                "destination_workload=\"b2\"",
-                "connection_security_policy=\"mutual_tls\""
-            ]
-        )
-        .is_empty(),
-        "same-node traffic did not arrive over HBONE:\n{m1}"
+        "n1",
+        &[
+            "reporter=\"destination\"",
+            "destination_workload=\"b2\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ],
+        "same-node traffic did not arrive over HBONE",
     );
 }
 
@@ -252,29 +255,17 @@ fn destination_outside_the_mesh_is_passed_through() {
         return;
     }
     let mesh = start(spec());
-    let t = &mesh.topo;
-    let (code, body) = get(
+    let url = format!("http://{}:8080/out", mesh.topo.external().ip());
+    get_ok(&mesh, "client", &url, "external");
+    assert_opened(
         &mesh,
-        "client",
-        &format!("http://{}:8080/out", t.external().ip()),
-        &[],
-    );
-    assert_eq!(code, 0, "{body}\n{}", mesh.ztunnel_logs());
-    assert_eq!(body["server"], "external");
-    assert_eq!(body["client_ip"], t.pod("client").ip().to_string());
-    let m1 = mesh.metrics("n1").unwrap();
-    assert!(
-        !metric_lines(
-            &m1,
-            "istio_tcp_connections_opened_total",
-            &[
-                "reporter=\"source\"",
-                "connection_security_policy=\"none\"",
-                "destination_workload=\"unknown\""
-            ]
-        )
-        .is_empty(),
-        "passthrough not recorded:\n{m1}"
+        "n1",
+        &[
+            "reporter=\"source\"",
+            "connection_security_policy=\"none\"",
+            "destination_workload=\"unknown\"",
+        ],
+        "passthrough not recorded",
     );
 }
 
@@ -284,32 +275,20 @@ fn non_mesh_client_reaches_mesh_pod_through_inbound_plaintext() {
         return;
     }
     let mesh = start(spec());
-    let t = &mesh.topo;
-    let (code, body) = get(
+    let url = format!("http://{}:8080/in", mesh.topo.pod("b1").ip());
+    get_ok(&mesh, "outsider", &url, "b1");
+    assert_opened(
         &mesh,
-        "outsider",
-        &format!("http://{}:8080/in", t.pod("b1").ip()),
-        &[],
-    );
-    assert_eq!(code, 0, "{body}\n{}", mesh.ztunnel_logs());
-    assert_eq!(body["server"], "b1");
-    assert_eq!(body["client_ip"], t.pod("outsider").ip().to_string());
-    let m2 = mesh.metrics("n2").unwrap();
-    assert!(
-        !metric_lines(
-            &m2,
-            "istio_tcp_connections_opened_total",
-            &[
-                "reporter=\"destination\"",
-                "connection_security_policy=\"none\"",
-                "destination_workload=\"b1\"",
-                // Plaintext has no authenticated principal, even from a known pod.
-                "source_principal=\"unknown\"",
-                "source_workload=\"outsider\"",
-            ]
-        )
-        .is_empty(),
-        "plaintext inbound not recorded by ztunnel:\n{m2}"
+        "n2",
+        &[
+            "reporter=\"destination\"",
+            "connection_security_policy=\"none\"",
+            "destination_workload=\"b1\"",
+            // Plaintext has no authenticated principal, even from a known pod.
+            "source_principal=\"unknown\"",
+            "source_workload=\"outsider\"",
+        ],
+        "plaintext inbound not recorded by ztunnel",
     );
 }
 
