@@ -16,6 +16,9 @@ const PROTOS: &[&str] = &[
     "authorization.proto",
     "zds.proto",
     "ca.proto",
+    "xds_node.proto",
+    "rpc_status.proto",
+    "discovery.proto",
 ];
 
 /// Well-known types come from pbjson-types rather than prost-types, because
@@ -46,6 +49,14 @@ fn main() -> Result<(), Box<dyn Error>> {
         .out_dir(&out_dir)
         .compile_well_known_types()
         .extern_path(WELL_KNOWN.0, WELL_KNOWN.1)
+        // gRPC stubs for services (delta ADS) come from the same parse; the
+        // client and server halves both live in mesh-core.
+        .service_generator(
+            tonic_prost_build::configure()
+                .build_client(true)
+                .build_server(true)
+                .service_generator(),
+        )
         .compile_fds(descriptor_set)?;
 
     pbjson_build::Builder::new()

@@ -15,4 +15,5 @@ pub mod proto;
 pub mod readiness;
 mod sys;
 pub mod tls;
+pub mod xds;
 pub mod zds;

@@ -71,6 +71,45 @@ pub mod ca {
         "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 }
 
+/// Envoy xDS packages: the delta ADS stream (`envoy.service.discovery.v3`)
+/// and the node identity it carries (`envoy.config.core.v3`). Nested to
+/// mirror the proto packages because generated code refers across them with
+/// `super::` paths.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    rustdoc::bare_urls,
+    rustdoc::invalid_html_tags
+)]
+pub mod envoy {
+    pub mod service {
+        pub mod discovery {
+            pub mod v3 {
+                include!(concat!(env!("OUT_DIR"), "/envoy.service.discovery.v3.rs"));
+            }
+        }
+    }
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                include!(concat!(env!("OUT_DIR"), "/envoy.config.core.v3.rs"));
+            }
+        }
+    }
+}
+
+/// `google.rpc`: the `Status` a delta xDS NACK carries.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod google {
+    pub mod rpc {
+        include!(concat!(env!("OUT_DIR"), "/google.rpc.rs"));
+    }
+}
+
+/// Delta ADS messages and gRPC stubs (`envoy.service.discovery.v3`).
+pub use envoy::service::discovery::v3 as discovery;
+
 /// Encoded `FileDescriptorSet` of every mesh proto (with imports), for
 /// reflection-based tooling and gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
