@@ -12,19 +12,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 
 use mesh_core::proto::local::parse_local_config;
 use mesh_core::proto::security::{self, Authorization};
 use mesh_core::proto::workload as pb;
 use prost::Message;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use ztunnel::state::{HealthStatus, ProxyState, Resolution, Snapshot};
 
-/// Mutated inputs are cut to this length.
-const MAX_INPUT: usize = 32 * 1024;
 /// Lookups tried per input, so one large input stays cheap.
 const MAX_PROBES: usize = 512;
 
@@ -150,98 +144,9 @@ pub fn check_state(addresses: &[pb::Address], authorizations: &[Authorization]) 
     let _ = state.dump();
 }
 
-// ---------------------------------------------------------------------------
-// Deterministic mutation of seed corpora (as in mesh-core/tests/fuzz_smoke.rs).
-// ---------------------------------------------------------------------------
-
-/// One mutant: a random seed with one to four random edits.
-pub fn mutate(rng: &mut StdRng, seeds: &[Vec<u8>], dict: &[&[u8]]) -> Vec<u8> {
-    const INTERESTING: [u8; 6] = [0x00, 0x01, 0x7f, 0x80, 0xff, b'0'];
-    let mut v = seeds[rng.random_range(0..seeds.len())].clone();
-    for _ in 0..rng.random_range(1..=4) {
-        let len = v.len();
-        let at = rng.random_range(0..=len);
-        match rng.random_range(0..8) {
-            0 if len > 0 => v[at.min(len - 1)] ^= 1 << rng.random_range(0..8),
-            1 if len > 0 => {
-                v[at.min(len - 1)] = INTERESTING[rng.random_range(0..INTERESTING.len())]
-            }
-            2 => {
-                let fresh: Vec<u8> = (0..rng.random_range(1..=4)).map(|_| rng.random()).collect();
-                v.splice(at..at, fresh);
-            }
-            3 if at < len => {
-                let end = rng.random_range(at..=len.min(at + 16));
-                v.drain(at..end);
-            }
-            4 => {
-                let other = &seeds[rng.random_range(0..seeds.len())];
-                if !other.is_empty() {
-                    let start = rng.random_range(0..other.len());
-                    let end = rng.random_range(start..=other.len());
-                    v.splice(at..at, other[start..end].iter().copied());
-                }
-            }
-            5 if !dict.is_empty() => {
-                let token = dict[rng.random_range(0..dict.len())];
-                v.splice(at..at, token.iter().copied());
-            }
-            6 if !dict.is_empty() => {
-                let token = dict[rng.random_range(0..dict.len())];
-                let end = (at + token.len()).min(len);
-                v.splice(at..end, token.iter().copied());
-            }
-            7 => v.truncate(at),
-            _ => {}
-        }
-    }
-    v.truncate(MAX_INPUT);
-    v
-}
-
-/// With `MESH_FUZZ_SEEDS=<dir>` set, writes `seeds` to `<dir>/<target>/`
-/// as the fuzzer's starting corpus.
-pub fn dump_seeds(target: &str, seeds: &[Vec<u8>]) {
-    let Some(dir) = std::env::var_os("MESH_FUZZ_SEEDS") else {
-        return;
-    };
-    let dir = PathBuf::from(dir).join(target);
-    std::fs::create_dir_all(&dir).expect("create seed dir");
-    for (i, s) in seeds.iter().enumerate() {
-        std::fs::write(dir.join(format!("seed-{i:03}")), s).expect("write seed");
-    }
-}
-
-/// Runs `body` over the seeds, then over `mutants` mutations of them.
-pub fn run_corpus(
-    target: &str,
-    seeds: &[Vec<u8>],
-    dict: &[&[u8]],
-    mutants: usize,
-    body: impl Fn(&[u8]),
-) {
-    let salt = target
-        .bytes()
-        .fold(0u64, |h, b| h.wrapping_mul(31) ^ u64::from(b));
-    let mut rng = StdRng::seed_from_u64(0x5eed ^ salt);
-    let inputs = seeds
-        .iter()
-        .cloned()
-        .chain((0..mutants).map(|_| mutate(&mut rng, seeds, dict)));
-    for (i, input) in inputs.enumerate() {
-        if let Err(p) = catch_unwind(AssertUnwindSafe(|| body(&input))) {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!(
-                "{target}: input #{i} panicked: {msg}\ninput: \"{}\"",
-                input.escape_ascii()
-            );
-        }
-    }
-}
+#[path = "../../mesh-core/tests/support/corpus.rs"]
+mod corpus;
+pub use corpus::{dump_seeds, mutate, run_corpus};
 
 // ---------------------------------------------------------------------------
 // Seed corpora.
