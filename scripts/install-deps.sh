@@ -23,3 +23,6 @@ for c in rustfmt clippy; do
     rustup component add "$c" || echo "warning: could not add $c" >&2
   fi
 done
+# The control-plane tests run against a real kube-apiserver built from
+# Debian's source package; cached after the first build (~7 minutes cold).
+"$(dirname "$0")/kube-build.sh"

@@ -7,7 +7,9 @@
 
 pub mod app;
 pub mod capture;
+pub mod controlplane;
 pub mod interrupt;
+pub mod kube;
 pub mod mesh;
 pub mod netns;
 pub mod rules;

@@ -60,6 +60,10 @@ pub struct MeshSpec {
     pub external: bool,
     /// Extra environment for every ztunnel.
     pub ztunnel_env: Vec<(String, String)>,
+    /// Run istiod-lite against the real API server (pods and services
+    /// become Kubernetes objects; ztunnels use xDS and the CA) instead of
+    /// giving every ztunnel a local state file and CA.
+    pub control_plane: bool,
 }
 
 impl MeshSpec {
@@ -94,15 +98,26 @@ impl MeshSpec {
         self.external = true;
         self
     }
+    /// See [`MeshSpec::control_plane`].
+    pub fn with_control_plane(mut self) -> Self {
+        self.control_plane = true;
+        self.external = true;
+        self
+    }
     pub fn ztunnel_env(mut self, k: &str, v: &str) -> Self {
         self.ztunnel_env.push((k.into(), v.into()));
         self
     }
 }
 
-/// The uid the Workload API gives a pod.
+/// The uid the Workload API gives a pod of the `default` namespace.
 pub fn uid(pod: &str) -> String {
-    format!("Kubernetes//Pod/{NAMESPACE}/{pod}")
+    uid_in(NAMESPACE, pod)
+}
+
+/// The uid the Workload API gives a pod.
+pub fn uid_in(namespace: &str, pod: &str) -> String {
+    format!("Kubernetes//Pod/{namespace}/{pod}")
 }
 
 pub fn hostname(service: &str) -> String {
@@ -111,6 +126,8 @@ pub fn hostname(service: &str) -> String {
 
 struct NodeRun {
     ztunnel: Option<Process>,
+    /// The ztunnel's projected token (control-plane mode).
+    token_path: PathBuf,
     state_path: PathBuf,
     socket: PathBuf,
     agent: Arc<AgentState>,
@@ -120,6 +137,7 @@ struct NodeRun {
 /// account, netns path) and the current ztunnel connection.
 #[derive(Default)]
 struct AgentState {
+    namespace: String,
     pods: Mutex<Vec<(String, String, String)>>,
     conn: tokio::sync::Mutex<Option<ZdsAgentConn>>,
 }
@@ -127,6 +145,11 @@ struct AgentState {
 /// A running mesh. Dropping it stops everything (the topology cleans up).
 pub struct Mesh {
     pub spec: MeshSpec,
+    /// Kubernetes namespace of the pods: `default` with local files, a
+    /// namespace of this run's own with the control plane.
+    pub namespace: String,
+    /// istiod-lite, in control-plane mode.
+    pub cp: Option<crate::controlplane::ControlPlane>,
     pub topo: Topology,
     pub ca_dir: PathBuf,
     rt: tokio::runtime::Runtime,
@@ -165,8 +188,15 @@ impl Mesh {
         for (_, p, _) in &spec.mesh_pods {
             rules::install(topo.pod(p))?;
         }
+        let namespace = if spec.control_plane {
+            topo.prefix().to_string()
+        } else {
+            NAMESPACE.to_string()
+        };
         let mut mesh = Mesh {
             spec,
+            namespace,
+            cp: None,
             topo,
             ca_dir,
             rt,
@@ -174,6 +204,9 @@ impl Mesh {
             agents: Vec::new(),
             spec_pods_removed: Mutex::new(Vec::new()),
         };
+        if mesh.spec.control_plane {
+            mesh.start_control_plane().map_err(setup)?;
+        }
         let state = mesh.state_yaml();
         for n in mesh.spec.nodes.clone() {
             let dir = mesh.topo.temp_path(&format!("node-{n}"));
@@ -199,15 +232,22 @@ impl Mesh {
                 ZdsListener::bind(&socket).map_err(setup)?
             };
             let agent_state = Arc::new(AgentState {
+                namespace: mesh.namespace.clone(),
                 pods: Mutex::new(pods),
                 conn: Default::default(),
             });
             mesh.agents
                 .push(mesh.rt.spawn(agent(listener, agent_state.clone())));
+            let token_path = dir.join("istio-token");
+            if let Some(cp) = &mesh.cp {
+                let token = mesh.rt.block_on(cp.ztunnel_token(&n)).map_err(setup)?;
+                std::fs::write(&token_path, token).map_err(setup)?;
+            }
             mesh.nodes.lock().unwrap().insert(
                 n.clone(),
                 NodeRun {
                     ztunnel: None,
+                    token_path,
                     state_path,
                     socket,
                     agent: agent_state,
@@ -296,9 +336,21 @@ impl Mesh {
             let _ = old.kill();
         }
         let mut cmd = Command::new(bin);
-        cmd.env("LOCAL_XDS_PATH", &run.state_path)
-            .env("LOCAL_CA_DIR", &self.ca_dir)
-            .env("INPOD_UDS", &run.socket)
+        match &self.cp {
+            None => {
+                cmd.env("LOCAL_XDS_PATH", &run.state_path)
+                    .env("LOCAL_CA_DIR", &self.ca_dir);
+            }
+            Some(cp) => {
+                cmd.env("XDS_ADDRESS", crate::controlplane::xds_address())
+                    .env("XDS_ROOT_CA", &cp.root_cert)
+                    .env("AUTH_TOKEN_PATH", &run.token_path)
+                    .env("POD_NAME", format!("ztunnel-{node}"))
+                    .env("POD_NAMESPACE", &cp.istio_ns)
+                    .env("INSTANCE_IP", self.topo.node(node).ip().to_string());
+            }
+        }
+        cmd.env("INPOD_UDS", &run.socket)
             .env("NODE_NAME", node)
             .env(
                 "RUST_LOG",
@@ -454,6 +506,23 @@ impl Drop for Mesh {
         for a in &self.agents {
             a.abort();
         }
+        if let Some(cp) = self.cp.take() {
+            // Leave the shared API server as found: the namespaces go, and
+            // with them pods (deleted at once: no kubelet would confirm).
+            let namespaces = [self.namespace.clone(), cp.istio_ns.clone()];
+            let kube = cp.kube;
+            drop(cp);
+            let _ = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(20), async {
+                    let client = kube.client().await?;
+                    for ns in namespaces {
+                        crate::controlplane::delete_namespace(&client, &ns).await?;
+                    }
+                    anyhow::Ok(())
+                })
+                .await
+            });
+        }
     }
 }
 
@@ -472,7 +541,7 @@ async fn agent(listener: ZdsListener, st: Arc<AgentState>) {
         };
         let mut current = st.conn.lock().await;
         let pods = st.pods.lock().unwrap().clone();
-        if let Err(e) = send_snapshot(&conn, &pods).await {
+        if let Err(e) = send_snapshot(&conn, &st.namespace, &pods).await {
             eprintln!("agent: snapshot: {e}");
             continue;
         }
@@ -482,6 +551,7 @@ async fn agent(listener: ZdsListener, st: Arc<AgentState>) {
 
 async fn send_snapshot(
     conn: &ZdsAgentConn,
+    namespace: &str,
     pods: &[(String, String, String)],
 ) -> Result<(), String> {
     for (name, sa, path) in pods {
@@ -489,10 +559,10 @@ async fn send_snapshot(
             std::fs::File::open(Path::new(path)).map_err(|e| format!("opening {path}: {e}"))?;
         let info = WorkloadInfo {
             name: name.clone(),
-            namespace: NAMESPACE.into(),
+            namespace: namespace.into(),
             service_account: sa.clone(),
         };
-        conn.add(&uid(name), info, file.as_fd())
+        conn.add(&uid_in(namespace, name), info, file.as_fd())
             .await
             .map_err(|e| format!("add {name}: {e}"))?;
     }
@@ -516,7 +586,9 @@ impl Mesh {
             let conn = conn
                 .as_ref()
                 .ok_or_else(|| setup("ztunnel not connected"))?;
-            conn.del(&uid(pod)).await.map_err(setup)
+            conn.del(&uid_in(&agent.namespace, pod))
+                .await
+                .map_err(setup)
         })?;
         self.spec_pods_removed.lock().unwrap().push(pod.to_string());
         Ok(())
@@ -540,4 +612,125 @@ pub fn connect_from(
         .map_err(setup)?
         .map_err(setup)?;
     Ok(s)
+}
+
+/// Label that makes a pod an endpoint of a spec service (its selector).
+pub fn service_label(service: &str) -> String {
+    format!("svc.mesh.e2e/{service}")
+}
+
+impl Mesh {
+    /// The uid the Workload API gives a pod of this mesh.
+    pub fn uid(&self, pod: &str) -> String {
+        uid_in(&self.namespace, pod)
+    }
+
+    /// A service's hostname in this mesh's namespace.
+    pub fn hostname(&self, service: &str) -> String {
+        format!("{service}.{}.svc.cluster.local", self.namespace)
+    }
+
+    /// The control plane; panics when the mesh runs on local files.
+    pub fn control_plane(&self) -> &crate::controlplane::ControlPlane {
+        self.cp
+            .as_ref()
+            .expect("mesh started without MeshSpec::with_control_plane")
+    }
+
+    /// An admin client of the API server (control-plane mode).
+    pub fn kube_client(&self) -> Result<kube::Client, MeshError> {
+        self.rt
+            .block_on(self.control_plane().kube.client())
+            .map_err(setup)
+    }
+
+    /// Registers the spec as Kubernetes objects (namespace labelled for
+    /// ambient, nodes, pods with their IPs, services with their VIPs) and
+    /// starts istiod-lite.
+    fn start_control_plane(&mut self) -> anyhow::Result<()> {
+        use crate::controlplane::{create_pod, ControlPlane, PodSpecOf, RUN_LABEL};
+        use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec as KSpec};
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+        let kube = self.rt.block_on(crate::kube::KubeCluster::shared())?;
+        let ns = self.namespace.clone();
+        let run = self.topo.prefix().to_string();
+        let spec = self.spec.clone();
+        let pods: Vec<(String, String, String, bool)> = spec
+            .mesh_pods
+            .iter()
+            .map(|(n, p, sa)| (n.clone(), p.clone(), sa.clone(), true))
+            .chain(
+                spec.plain_pods
+                    .iter()
+                    .map(|(n, p)| (n.clone(), p.clone(), "default".to_string(), false)),
+            )
+            .collect();
+        let ips: Vec<Ipv4Addr> = pods
+            .iter()
+            .map(|(_, p, _, _)| self.topo.pod(p).ip())
+            .collect();
+        self.rt.block_on(async {
+            kube.create_namespace(
+                &ns,
+                &[("istio.io/dataplane-mode", "ambient"), (RUN_LABEL, &run)],
+            )
+            .await?;
+            for n in &spec.nodes {
+                kube.create_node(n).await?;
+            }
+            let client = kube.client().await?;
+            for ((node, pod, sa, enrolled), ip) in pods.iter().zip(ips) {
+                let mut labels = BTreeMap::from([("app".to_string(), pod.clone())]);
+                if !enrolled {
+                    labels.insert("istio.io/dataplane-mode".into(), "none".into());
+                }
+                for s in spec.services.iter().filter(|s| s.endpoints.contains(pod)) {
+                    labels.insert(service_label(&s.name), "true".into());
+                }
+                create_pod(
+                    &client,
+                    &PodSpecOf {
+                        namespace: &ns,
+                        name: pod,
+                        node,
+                        service_account: sa,
+                        labels,
+                        ip: Some(ip),
+                    },
+                )
+                .await?;
+            }
+            let api: kube::Api<Service> = kube::Api::namespaced(client, &ns);
+            for s in &spec.services {
+                let svc = Service {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(s.name.clone()),
+                        ..Default::default()
+                    },
+                    spec: Some(KSpec {
+                        cluster_ip: Some(s.vip.to_string()),
+                        selector: Some(BTreeMap::from([(service_label(&s.name), "true".into())])),
+                        ports: Some(
+                            s.ports
+                                .iter()
+                                .map(|(sp, tp)| ServicePort {
+                                    name: Some(format!("tcp-{sp}")),
+                                    port: i32::from(*sp),
+                                    target_port: Some(IntOrString::Int(i32::from(*tp))),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        ),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                crate::kube::create_or_get(&api, &s.name, &svc).await?;
+            }
+            anyhow::Ok(())
+        })?;
+        self.cp = Some(ControlPlane::start(&self.topo, &self.rt, kube, &[])?);
+        Ok(())
+    }
 }

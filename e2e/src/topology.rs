@@ -500,7 +500,7 @@ impl Topology {
         cmd: Command,
     ) -> Result<ExecOutput, TopologyError> {
         let label = format!("exec-{}", program_label(&cmd));
-        let process = self.start(ns.netns(), &label, &cmd)?;
+        let process = self.start(Some(ns.netns()), &label, &cmd)?;
         let status = match process.wait_timeout(self.exec_timeout)? {
             Some(status) => status,
             None => {
@@ -541,7 +541,16 @@ impl Topology {
         label: &str,
         cmd: Command,
     ) -> Result<Process, TopologyError> {
-        let process = self.start(ns.netns(), label, &cmd)?;
+        let process = self.start(Some(ns.netns()), label, &cmd)?;
+        self.lock_procs().push(process.clone());
+        Ok(process)
+    }
+
+    /// Starts `cmd` on the host itself (the root network namespace), tracked
+    /// like the others: for control-plane processes that talk to services
+    /// on the host's loopback (the Kubernetes API server).
+    pub fn spawn_host(&self, label: &str, cmd: Command) -> Result<Process, TopologyError> {
+        let process = self.start(None, label, &cmd)?;
         self.lock_procs().push(process.clone());
         Ok(process)
     }
@@ -606,7 +615,12 @@ impl Topology {
         self.dir().join(format!("{n:03}-{}", sanitize(label)))
     }
 
-    fn start(&self, ns: &Netns, label: &str, cmd: &Command) -> Result<Process, TopologyError> {
+    fn start(
+        &self,
+        ns: Option<&Netns>,
+        label: &str,
+        cmd: &Command,
+    ) -> Result<Process, TopologyError> {
         let base = self.temp_path(label);
         let stdout_path = base.with_extension("out");
         let stderr_path = base.with_extension("err");
@@ -614,7 +628,10 @@ impl Topology {
             .map_err(|e| TopologyError::io(format!("creating {}", stdout_path.display()), e))?;
         let stderr = fs::File::create(&stderr_path)
             .map_err(|e| TopologyError::io(format!("creating {}", stderr_path.display()), e))?;
-        let mut wrapped = in_netns(ns, cmd);
+        let mut wrapped = match ns {
+            Some(ns) => in_netns(ns, cmd),
+            None => copy_command(cmd),
+        };
         wrapped
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -624,11 +641,12 @@ impl Topology {
         let child = wrapped
             .spawn()
             .map_err(|e| TopologyError::io(format!("starting {}", describe(cmd)), e))?;
-        tracing::debug!(label, pid = child.id(), netns = ns.name(), "started");
+        let netns = ns.map(|n| n.name()).unwrap_or("host");
+        tracing::debug!(label, pid = child.id(), netns, "started");
         Ok(Process {
             inner: Arc::new(ProcessInner {
                 label: label.to_string(),
-                netns: ns.name().to_string(),
+                netns: netns.to_string(),
                 pid: child.id(),
                 child: Mutex::new(child),
                 stdout: stdout_path,
@@ -1095,6 +1113,18 @@ fn disable_ipv6(ns: &Netns, iface: &str) -> Result<(), TopologyError> {
 /// working directory.
 fn in_netns(ns: &Netns, cmd: &Command) -> Command {
     let mut wrapped = ns.command(cmd.get_program());
+    copy_into(&mut wrapped, cmd);
+    wrapped
+}
+
+/// A fresh `Command` equal to `cmd` (`Command` is not `Clone`).
+fn copy_command(cmd: &Command) -> Command {
+    let mut c = Command::new(cmd.get_program());
+    copy_into(&mut c, cmd);
+    c
+}
+
+fn copy_into(wrapped: &mut Command, cmd: &Command) {
     wrapped.args(cmd.get_args());
     for (key, value) in cmd.get_envs() {
         match value {
@@ -1105,7 +1135,6 @@ fn in_netns(ns: &Netns, cmd: &Command) -> Command {
     if let Some(dir) = cmd.get_current_dir() {
         wrapped.current_dir(dir);
     }
-    wrapped
 }
 
 fn describe(cmd: &Command) -> String {

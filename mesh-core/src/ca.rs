@@ -537,6 +537,113 @@ pub fn generate_csr(identity: &Identity) -> Result<(String, String), CaError> {
     Ok((csr.pem()?, key.serialize_pem()))
 }
 
+/// Server certificates and CSR inspection for the CA's own endpoint.
+impl CertificateAuthority {
+    /// A serving certificate for the control plane itself (what ztunnels
+    /// check when they dial the CA or xDS port): a fresh ECDSA P-256 key,
+    /// DNS and IP SANs, server auth only. Returns `(chain_pem, key_pem)`,
+    /// the chain leaf first and root last.
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        if dns_names.is_empty() && ips.is_empty() {
+            return Err(CaError::InvalidIdentity(
+                "(a server certificate without DNS names or IP addresses)".into(),
+            ));
+        }
+        if ttl < Duration::from_secs(1) {
+            return Err(CaError::InvalidTtl {
+                requested: ttl,
+                max: ROOT_TTL,
+            });
+        }
+        let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
+        for name in dns_names {
+            sans.push(SanType::DnsName(
+                name.clone()
+                    .try_into()
+                    .map_err(|_| CaError::InvalidIdentity(name.clone()))?,
+            ));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+
+        let now = now_truncated();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        if let Some(first) = dns_names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(random_serial());
+        params.not_before = now - MAX_BACKDATE;
+        params.not_after = (now + ttl).min(self.signing_cert_not_after()?);
+        params.use_authority_key_identifier_extension = true;
+
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        let mut chain = pem_encode("CERTIFICATE", leaf.der());
+        chain.push_str(&self.cert_chain_pem());
+        Ok((chain, key.serialize_pem()))
+    }
+
+    /// The signing key, PEM (PKCS#8), for storing the CA where
+    /// [`from_pem`](Self::from_pem) can load it again.
+    pub fn ca_key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+}
+
+/// The URI SANs a CSR asks for, after checking that it parses and that its
+/// signature verifies (proof that the requester holds the key).
+pub fn csr_identities(csr_pem: &str) -> Result<Vec<String>, CaError> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    let der =
+        CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => CaError::Missing("certificate request"),
+            source => CaError::Pem {
+                what: "CSR",
+                source,
+            },
+        })?;
+    let (_, csr) =
+        X509CertificationRequest::from_der(der.as_ref()).map_err(|e| CaError::Parse {
+            what: "CSR",
+            reason: e.to_string(),
+        })?;
+    csr.verify_signature().map_err(|_| CaError::CsrSignature)?;
+    let mut uris = Vec::new();
+    for ext in csr.requested_extensions().into_iter().flatten() {
+        match ext {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    if let GeneralName::URI(uri) = name {
+                        uris.push(uri.to_string());
+                    }
+                }
+            }
+            // An unparsable SAN extension must not pass as "no SANs".
+            ParsedExtension::ParseError { error } => {
+                return Err(CaError::Parse {
+                    what: "CSR extension",
+                    reason: error.to_string(),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(uris)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -724,5 +831,118 @@ mod tests {
         let enc = der_tlv(0x04, &long);
         assert_eq!(&enc[..4], &[0x04, 0x82, 0x01, 0x2c]);
         assert_eq!(enc.len(), 304);
+    }
+}
+
+#[cfg(test)]
+mod server_cert_and_csr_tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+    use x509_parser::extensions::GeneralName;
+
+    #[test]
+    fn server_cert_names_and_chain() {
+        let root = CertificateAuthority::generate("cluster.local").unwrap();
+        let ca = root
+            .issue_intermediate("cluster.local", Duration::from_secs(7200))
+            .unwrap();
+        let (chain, key) = ca
+            .issue_server_cert(
+                &["istiod.istio-system.svc".into()],
+                &[IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))],
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let certs = parse_certs("chain", &chain).unwrap();
+        assert_eq!(certs.len(), 3, "leaf, intermediate, root");
+        assert_eq!(certs[2], root.roots()[0]);
+        assert!(PrivateKeyDer::from_pem_slice(key.as_bytes()).is_ok());
+        let leaf = parse_x509("leaf", &certs[0]).unwrap();
+        assert!(!leaf.is_ca());
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+        let names: Vec<String> = leaf
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => format!("dns:{d}"),
+                GeneralName::IPAddress(ip) => format!("ip:{ip:?}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec!["dns:istiod.istio-system.svc", "ip:[10, 0, 0, 1]"]
+        );
+    }
+
+    #[test]
+    fn server_cert_needs_a_name() {
+        let ca = CertificateAuthority::generate("cluster.local").unwrap();
+        assert!(matches!(
+            ca.issue_server_cert(&[], &[], Duration::from_secs(60)),
+            Err(CaError::InvalidIdentity(_))
+        ));
+        assert!(matches!(
+            ca.issue_server_cert(&["a".into()], &[], Duration::ZERO),
+            Err(CaError::InvalidTtl { .. })
+        ));
+    }
+
+    #[test]
+    fn key_pem_round_trips() {
+        let ca = CertificateAuthority::generate("cluster.local").unwrap();
+        let again = CertificateAuthority::from_pem(
+            &ca.ca_cert_pem(),
+            &ca.ca_key_pem(),
+            &ca.root_pem(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(again.root_pem(), ca.root_pem());
+    }
+
+    #[test]
+    fn csr_identities_reads_uri_sans() {
+        let id = Identity::new("cluster.local", "ns1", "sa1");
+        let (csr, _) = generate_csr(&id).unwrap();
+        assert_eq!(csr_identities(&csr).unwrap(), vec![id.to_string()]);
+
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::DnsName("x.example".try_into().unwrap())];
+        let dns_only = params.serialize_request(&key).unwrap().pem().unwrap();
+        assert!(csr_identities(&dns_only).unwrap().is_empty());
+        let no_sans = CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        assert!(csr_identities(&no_sans).unwrap().is_empty());
+
+        let mut der = CertificateSigningRequestDer::from_pem_slice(csr.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        let last = der.len() - 1;
+        der[last] ^= 0x01;
+        let bad_sig = pem_encode("CERTIFICATE REQUEST", &der);
+        assert!(matches!(
+            csr_identities(&bad_sig),
+            Err(CaError::CsrSignature | CaError::Parse { .. })
+        ));
+        assert!(matches!(
+            csr_identities("garbage"),
+            Err(CaError::Missing(_))
+        ));
+        let truncated = pem_encode("CERTIFICATE REQUEST", &der[..der.len() / 2]);
+        assert!(matches!(
+            csr_identities(&truncated),
+            Err(CaError::Parse { .. })
+        ));
     }
 }

@@ -6,9 +6,12 @@
 //! and readiness mechanisms.
 
 pub mod ca;
+pub mod ca_client;
 pub mod certs;
 pub mod copy;
 pub mod drain;
+pub mod env;
+pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod proto;

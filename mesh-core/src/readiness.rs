@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone, Debug, Default)]
 pub struct Ready {
     inner: Arc<Mutex<Inner>>,
+    released: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +57,21 @@ impl Ready {
         self.lock().pending.is_empty()
     }
 
+    /// Returns once no task blocks readiness (for work that must not start
+    /// before, e.g. serving configuration built from a partial view).
+    pub async fn wait_ready(&self) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            // Registered before the check, so a release in between is seen.
+            released.as_mut().enable();
+            if self.is_ready() {
+                return;
+            }
+            released.await;
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave the map inconsistent
         // (every critical section is a single insert or remove).
@@ -71,6 +87,7 @@ impl BlockReady {
 impl Drop for BlockReady {
     fn drop(&mut self) {
         self.ready.lock().pending.remove(&self.id);
+        self.ready.released.notify_waiters();
     }
 }
 
@@ -90,5 +107,23 @@ mod tests {
         assert_eq!(ready.pending(), vec!["certificates"]);
         drop(b);
         assert!(ready.is_ready());
+    }
+
+    #[tokio::test]
+    async fn wait_ready_returns_when_the_last_guard_goes() {
+        let ready = Ready::new();
+        let a = ready.register_task("config");
+        let waiter = tokio::spawn({
+            let ready = ready.clone();
+            async move { ready.wait_ready().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(a);
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("waiter released")
+            .unwrap();
+        ready.wait_ready().await;
     }
 }

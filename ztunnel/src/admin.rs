@@ -19,7 +19,7 @@ use mesh_core::certs::CertificateManager;
 use mesh_core::drain;
 use mesh_core::readiness::Ready;
 
-use crate::config::Config;
+use crate::config::{CaSource, Config, XdsSource};
 use crate::inpod::PodRegistry;
 use crate::metrics::Metrics;
 use crate::state::ProxyState;
@@ -53,7 +53,15 @@ impl AdminState {
             "certificates": self.certs.dump(),
             "workloadState": self.pods.snapshot(),
             "config": {
-                "localXdsPath": c.local_xds_path,
+                "xdsSource": match &c.xds {
+                    XdsSource::LocalFile(p) => serde_json::json!({"localFile": p}),
+                    XdsSource::ControlPlane(cp) => serde_json::json!({"address": cp.address}),
+                },
+                "caSource": match &c.ca {
+                    CaSource::LocalDir(p) => serde_json::json!({"localDir": p}),
+                    CaSource::ControlPlane(cp) => serde_json::json!({"address": cp.address}),
+                },
+                "xdsNodeId": c.node_id,
                 "inpodUds": c.inpod_uds,
                 "trustDomain": c.trust_domain,
                 "clusterId": c.cluster_id,

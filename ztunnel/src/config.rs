@@ -8,30 +8,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A source of environment variables.
-pub trait Env {
-    fn var(&self, key: &str) -> Option<String>;
-}
-
-/// The process environment.
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn var(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok().filter(|v| !v.is_empty())
-    }
-}
-
-impl<const N: usize> Env for [(&str, &str); N] {
-    fn var(&self, key: &str) -> Option<String> {
-        self.iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v.to_string())
-    }
-}
+use mesh_core::env::{duration_var, parse_var};
+pub use mesh_core::env::{Env, ProcessEnv};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(transparent)]
+    Env(#[from] mesh_core::env::EnvError),
     #[error("{name}={value:?}: {reason}")]
     Invalid {
         name: &'static str,
@@ -42,6 +25,18 @@ pub enum ConfigError {
     Missing(&'static str),
 }
 
+/// How to reach a control-plane endpoint (xDS or CA).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPlane {
+    /// `https://host:port`.
+    pub address: String,
+    /// PEM root that the endpoint's serving certificate chains to.
+    pub root_ca: PathBuf,
+    /// Bearer token file (a projected ServiceAccount token, audience
+    /// `istio-ca`); re-read on every use because it rotates.
+    pub token_path: PathBuf,
+}
+
 /// Where workload certificates come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaSource {
@@ -49,12 +44,30 @@ pub enum CaSource {
     /// `ca-key.pem`, `root-cert.pem`, optional `cert-chain.pem`) are in this
     /// directory. Every ztunnel given the same files trusts the others.
     LocalDir(PathBuf),
+    /// Ask the mesh CA (`IstioCertificateService`).
+    ControlPlane(ControlPlane),
 }
+
+/// Where the mesh's workloads, services and policies come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XdsSource {
+    /// A YAML file of Workload API resources, reloaded on change.
+    LocalFile(PathBuf),
+    /// Delta xDS from the control plane.
+    ControlPlane(ControlPlane),
+}
+
+/// Default projected token path, as Istio's ztunnel DaemonSet mounts it.
+pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
+/// Default root of the control plane's serving certificate (the
+/// `istio-ca-root-cert` ConfigMap mounted by the DaemonSet).
+pub const DEFAULT_ROOT_CA: &str = "/var/run/secrets/istio/root-cert.pem";
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// YAML file of `Address`/`Authorization` resources, reloaded on change.
-    pub local_xds_path: PathBuf,
+    pub xds: XdsSource,
+    /// xDS node id: `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`.
+    pub node_id: String,
     /// The node agent's ZDS socket.
     pub inpod_uds: PathBuf,
     pub ca: CaSource,
@@ -83,58 +96,77 @@ fn parse<T: std::str::FromStr>(
 where
     T::Err: std::fmt::Display,
 {
-    match env.var(name) {
-        None => Ok(default),
-        Some(v) => v.parse().map_err(|e: T::Err| ConfigError::Invalid {
-            name,
-            value: v.clone(),
-            reason: e.to_string(),
-        }),
-    }
+    Ok(parse_var(env, name, default)?)
 }
 
 fn seconds(env: &dyn Env, name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
-    match env.var(name) {
-        None => Ok(default),
-        Some(v) => parse_duration(&v).ok_or_else(|| ConfigError::Invalid {
-            name,
-            value: v.clone(),
-            reason: "expected seconds (`30`) or a duration (`500ms`, `30s`, `5m`, `24h`)".into(),
-        }),
-    }
-}
-
-/// `30`, `30s`, `500ms`, `5m`, `24h`.
-pub fn parse_duration(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    let (num, unit) = match v.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => (&v[..i], &v[i..]),
-        None => (v, "s"),
-    };
-    let n: f64 = num.parse().ok()?;
-    if !n.is_finite() || n < 0.0 {
-        return None;
-    }
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    Some(Duration::from_secs_f64(secs))
+    Ok(duration_var(env, name, default)?)
 }
 
 impl Config {
     pub fn from_env(env: &dyn Env) -> Result<Config, ConfigError> {
-        let local_xds_path = env
-            .var("LOCAL_XDS_PATH")
-            .map(PathBuf::from)
-            .ok_or(ConfigError::Missing("LOCAL_XDS_PATH"))?;
-        let ca = match env.var("LOCAL_CA_DIR") {
-            Some(dir) => CaSource::LocalDir(PathBuf::from(dir)),
-            None => return Err(ConfigError::Missing("LOCAL_CA_DIR")),
+        let token_path = PathBuf::from(
+            env.var("AUTH_TOKEN_PATH")
+                .unwrap_or_else(|| DEFAULT_TOKEN_PATH.into()),
+        );
+        let xds = match (env.var("XDS_ADDRESS"), env.var("LOCAL_XDS_PATH")) {
+            (_, Some(path)) => XdsSource::LocalFile(PathBuf::from(path)),
+            (Some(address), None) => XdsSource::ControlPlane(ControlPlane {
+                address,
+                root_ca: PathBuf::from(
+                    env.var("XDS_ROOT_CA")
+                        .unwrap_or_else(|| DEFAULT_ROOT_CA.into()),
+                ),
+                token_path: token_path.clone(),
+            }),
+            (None, None) => return Err(ConfigError::Missing("XDS_ADDRESS or LOCAL_XDS_PATH")),
         };
+        let ca = match (
+            env.var("LOCAL_CA_DIR"),
+            env.var("CA_ADDRESS").or(env.var("XDS_ADDRESS")),
+        ) {
+            (Some(dir), _) => CaSource::LocalDir(PathBuf::from(dir)),
+            (None, Some(address)) => CaSource::ControlPlane(ControlPlane {
+                address,
+                root_ca: PathBuf::from(
+                    env.var("CA_ROOT_CA")
+                        .or(env.var("XDS_ROOT_CA"))
+                        .unwrap_or_else(|| DEFAULT_ROOT_CA.into()),
+                ),
+                token_path,
+            }),
+            (None, None) => {
+                return Err(ConfigError::Missing(
+                    "CA_ADDRESS, XDS_ADDRESS or LOCAL_CA_DIR",
+                ))
+            }
+        };
+        for (name, addr) in [
+            (
+                "XDS_ADDRESS",
+                match &xds {
+                    XdsSource::ControlPlane(c) => Some(&c.address),
+                    _ => None,
+                },
+            ),
+            (
+                "CA_ADDRESS",
+                match &ca {
+                    CaSource::ControlPlane(c) => Some(&c.address),
+                    _ => None,
+                },
+            ),
+        ] {
+            if let Some(a) = addr {
+                if !a.starts_with("https://") {
+                    return Err(ConfigError::Invalid {
+                        name,
+                        value: a.clone(),
+                        reason: "expected https://host:port".into(),
+                    });
+                }
+            }
+        }
         let node_name = env
             .var("NODE_NAME")
             .ok_or(ConfigError::Missing("NODE_NAME"))?;
@@ -146,8 +178,19 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
+        let pod_name = env
+            .var("POD_NAME")
+            .unwrap_or_else(|| format!("ztunnel-{node_name}"));
+        let pod_ns = env
+            .var("POD_NAMESPACE")
+            .unwrap_or_else(|| "istio-system".into());
+        let node_id = format!(
+            "ztunnel~{}~{pod_name}.{pod_ns}~{pod_ns}.svc.cluster.local",
+            env.var("INSTANCE_IP").unwrap_or_default()
+        );
         Ok(Config {
-            local_xds_path,
+            xds,
+            node_id,
             inpod_uds: env
                 .var("INPOD_UDS")
                 .map(PathBuf::from)
@@ -180,31 +223,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        for (s, want) in [
-            ("30", Some(30_000)),
-            ("30s", Some(30_000)),
-            ("500ms", Some(500)),
-            ("5m", Some(300_000)),
-            ("24h", Some(86_400_000)),
-            ("1.5s", Some(1_500)),
-            ("", None),
-            ("5x", None),
-            ("-1", None),
-            ("s", None),
-        ] {
-            assert_eq!(
-                parse_duration(s).map(|d| d.as_millis() as u64),
-                want,
-                "{s:?}"
-            );
-        }
-    }
-
-    #[test]
     fn required_and_invalid_values_are_named() {
         let err = Config::from_env(&[("NODE_NAME", "n")]).unwrap_err();
         assert!(err.to_string().contains("LOCAL_XDS_PATH"), "{err}");
+        let err =
+            Config::from_env(&[("NODE_NAME", "n"), ("XDS_ADDRESS", "istiod:15012")]).unwrap_err();
+        assert!(err.to_string().starts_with("XDS_ADDRESS="), "{err}");
+        let cfg = Config::from_env(&[
+            ("NODE_NAME", "n"),
+            ("XDS_ADDRESS", "https://istiod.istio-system.svc:15012"),
+            ("POD_NAME", "ztunnel-abc"),
+            ("INSTANCE_IP", "10.0.0.7"),
+        ])
+        .unwrap();
+        let XdsSource::ControlPlane(cp) = &cfg.xds else {
+            panic!("{:?}", cfg.xds)
+        };
+        assert_eq!(cp.root_ca, PathBuf::from(DEFAULT_ROOT_CA));
+        assert!(matches!(&cfg.ca, CaSource::ControlPlane(c) if c.address == cp.address));
+        assert_eq!(
+            cfg.node_id,
+            "ztunnel~10.0.0.7~ztunnel-abc.istio-system~istio-system.svc.cluster.local"
+        );
         let err = Config::from_env(&[
             ("LOCAL_XDS_PATH", "/s.yaml"),
             ("LOCAL_CA_DIR", "/ca"),

@@ -4,8 +4,10 @@
 //! node agent hands it every pod's network namespace ([`inpod`]), it opens
 //! its listeners inside each ([`proxy`]), carries the pod's outgoing TCP over
 //! HBONE to the destination pod's ztunnel, and delivers incoming HBONE to the
-//! application. What it knows of the mesh lives in [`state`], fed by a
-//! [`source`]; its own endpoints are in [`admin`].
+//! application. What it knows of the mesh lives in [`state`], fed by the
+//! control plane over delta xDS ([`xds`]) or a local file ([`source`]);
+//! certificates come from the mesh CA (or a local one); its own endpoints
+//! are in [`admin`].
 
 #![forbid(unsafe_code)]
 
@@ -17,16 +19,20 @@ pub mod proxy;
 pub mod source;
 pub mod state;
 pub mod sys;
+pub mod xds;
 
 use std::sync::Arc;
 
 use mesh_core::ca::CertificateAuthority;
-use mesh_core::certs::{CertificateManager, LocalCaProvider, RotationConfig};
+use mesh_core::ca_client::{CaClient, TokenSource};
+use mesh_core::certs::{CertificateManager, CertificateProvider, LocalCaProvider, RotationConfig};
 use mesh_core::drain;
 use mesh_core::hbone;
-use mesh_core::readiness::Ready;
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use mesh_core::readiness::{BlockReady, Ready};
+use mesh_core::xds::client::{ClientConfig, Subscription, XdsClient};
 
-use crate::config::{CaSource, Config};
+use crate::config::{CaSource, Config, ControlPlane, XdsSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -34,7 +40,7 @@ pub enum AppError {
     Ca {
         dir: String,
         #[source]
-        source: mesh_core::ca::CaError,
+        source: Box<mesh_core::ca::CaError>,
     },
     #[error("binding {what} on {addr}: {source}")]
     Bind {
@@ -45,6 +51,86 @@ pub enum AppError {
     },
     #[error("opening ztunnel's own network namespace: {0}")]
     Netns(#[source] std::io::Error),
+    #[error("reading the control plane's root certificate {path}: {source}")]
+    RootCa {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control plane endpoint {address}: {source}")]
+    Grpc {
+        address: String,
+        #[source]
+        source: mesh_core::grpc::GrpcError,
+    },
+}
+
+/// A gRPC channel to a control-plane endpoint, verified against its root.
+fn control_plane_channel(cp: &ControlPlane) -> Result<tonic::transport::Channel, AppError> {
+    let root = std::fs::read_to_string(&cp.root_ca).map_err(|source| AppError::RootCa {
+        path: cp.root_ca.display().to_string(),
+        source,
+    })?;
+    let grpc = |source| AppError::Grpc {
+        address: cp.address.clone(),
+        source,
+    };
+    let tls = mesh_core::grpc::client_tls(&root).map_err(grpc)?;
+    mesh_core::grpc::channel(&cp.address, tls).map_err(grpc)
+}
+
+fn certificate_provider(cfg: &Config) -> Result<Arc<dyn CertificateProvider>, AppError> {
+    Ok(match &cfg.ca {
+        CaSource::LocalDir(dir) => {
+            let ca = CertificateAuthority::load_dir(dir).map_err(|source| AppError::Ca {
+                dir: dir.display().to_string(),
+                source: Box::new(source),
+            })?;
+            Arc::new(LocalCaProvider::new(Arc::new(ca), cfg.cert_ttl))
+        }
+        // ztunnel never holds a certificate of its own: every request is
+        // on behalf of a pod on this node (ImpersonatedIdentity).
+        CaSource::ControlPlane(cp) => Arc::new(CaClient::new(
+            control_plane_channel(cp)?,
+            TokenSource::File(cp.token_path.clone()),
+            cfg.cluster_id.clone(),
+            cfg.cert_ttl,
+            None,
+        )),
+    })
+}
+
+/// Readiness for certificates: once the state is complete, every HBONE
+/// workload on this node has its certificate (fetched, not just asked for),
+/// so the first connection of a pod does not wait on the CA.
+async fn prefetch_local_certificates(
+    cfg: Arc<Config>,
+    state: state::ProxyState,
+    certs: CertificateManager,
+    ready: BlockReady,
+) {
+    state.wait_loaded().await;
+    let ids = state.local_identities(&cfg.node_name);
+    let mut pending = Vec::new();
+    for id in ids {
+        let certs = certs.clone();
+        pending.push(tokio::spawn(async move {
+            // The manager retries with backoff; keep asking until it has one.
+            loop {
+                match certs.get(&id).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(identity = %id, error = %e, "certificate not ready; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }));
+    }
+    for p in pending {
+        let _ = p.await;
+    }
+    drop(ready);
 }
 
 /// A running ztunnel.
@@ -57,13 +143,8 @@ pub struct App {
 pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
     let cfg = Arc::new(cfg);
     let ready = Ready::new();
-    let CaSource::LocalDir(dir) = &cfg.ca;
-    let ca = CertificateAuthority::load_dir(dir).map_err(|source| AppError::Ca {
-        dir: dir.display().to_string(),
-        source,
-    })?;
-    let provider = LocalCaProvider::new(Arc::new(ca), cfg.cert_ttl);
-    let certs = CertificateManager::new(Arc::new(provider), RotationConfig::default());
+    let provider = certificate_provider(&cfg)?;
+    let certs = CertificateManager::new(provider, RotationConfig::default());
     let state = state::ProxyState::new();
     let metrics = metrics::Metrics::new();
     let pool_cfg = hbone::client::PoolConfig {
@@ -83,7 +164,7 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
     let admin = admin::AdminState {
         cfg: cfg.clone(),
         state: state.clone(),
-        certs,
+        certs: certs.clone(),
         pods: pods.clone(),
         metrics,
         ready: ready.clone(),
@@ -98,8 +179,46 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
             .map_err(|source| AppError::Bind { what, addr, source })?;
         tokio::spawn(admin::serve(l, which, admin.clone(), drain.clone()));
     }
-    let src = source::LocalFileSource::new(cfg.local_xds_path.clone(), state);
-    tokio::spawn(src.run(ready.register_task("state"), drain.clone()));
+    match &cfg.xds {
+        XdsSource::LocalFile(path) => {
+            let src = source::LocalFileSource::new(path.clone(), state.clone());
+            tokio::spawn(src.run(ready.register_task("state"), drain.clone()));
+        }
+        XdsSource::ControlPlane(cp) => {
+            let mut client_cfg = ClientConfig::new(cfg.node_id.clone())
+                .subscribe(ADDRESS_TYPE_URL, Subscription::wildcard())
+                .subscribe(AUTHORIZATION_TYPE_URL, Subscription::wildcard());
+            client_cfg.token_file = Some(cp.token_path.clone());
+            let client = XdsClient::new(
+                control_plane_channel(cp)?,
+                client_cfg,
+                Arc::new(xds::StateHandler::new(state.clone())),
+            );
+            let mut complete = client.handle().ready();
+            let block = ready.register_task("state");
+            let loaded = state.clone();
+            tokio::spawn(async move {
+                if complete.wait_for(|c| *c).await.is_ok() {
+                    loaded.mark_loaded();
+                    tracing::info!("control plane state complete");
+                    drop(block);
+                }
+            });
+            let d = drain.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = client.run() => {}
+                    _ = d.signaled() => {}
+                }
+            });
+        }
+    }
+    tokio::spawn(prefetch_local_certificates(
+        cfg.clone(),
+        state,
+        certs,
+        ready.register_task("certificates"),
+    ));
     let home = Arc::new(sys::Netns::current().map_err(AppError::Netns)?);
     let mgr = inpod::InpodManager {
         path: cfg.inpod_uds.clone(),

@@ -8,7 +8,7 @@
 //! a bad one is rejected with its name and the field at fault while the rest
 //! keeps serving.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -162,7 +162,82 @@ struct Inner {
     by_ip: HashMap<(String, IpAddr), String>,
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<(String, IpAddr), String>,
+    /// Service key -> uids of the workloads that list it, so picking an
+    /// endpoint does not scan every workload of the mesh.
+    endpoints: HashMap<String, BTreeSet<String>>,
     policies: BTreeMap<String, Authorization>,
+}
+
+impl Inner {
+    fn insert_workload(&mut self, w: Workload) {
+        self.remove_workload(&w.uid);
+        for ip in &w.ips {
+            self.by_ip.insert((w.network.clone(), *ip), w.uid.clone());
+        }
+        for key in w.services.keys() {
+            self.endpoints
+                .entry(key.clone())
+                .or_default()
+                .insert(w.uid.clone());
+        }
+        self.workloads.insert(w.uid.clone(), Arc::new(w));
+    }
+
+    fn remove_workload(&mut self, uid: &str) -> bool {
+        let Some(old) = self.workloads.remove(uid) else {
+            return false;
+        };
+        for ip in &old.ips {
+            let k = (old.network.clone(), *ip);
+            // Another workload may have taken the address meanwhile.
+            if self.by_ip.get(&k).map(String::as_str) == Some(uid) {
+                self.by_ip.remove(&k);
+            }
+        }
+        for key in old.services.keys() {
+            if let Some(set) = self.endpoints.get_mut(key) {
+                set.remove(uid);
+                if set.is_empty() {
+                    self.endpoints.remove(key);
+                }
+            }
+        }
+        true
+    }
+
+    fn insert_service(&mut self, s: Service) {
+        let key = s.key();
+        self.remove_service(&key);
+        for (net, ip) in &s.vips {
+            self.by_vip.insert((net.clone(), *ip), key.clone());
+        }
+        self.services.insert(key, Arc::new(s));
+    }
+
+    fn remove_service(&mut self, key: &str) -> bool {
+        let Some(old) = self.services.remove(key) else {
+            return false;
+        };
+        for (net, ip) in &old.vips {
+            let k = (net.clone(), *ip);
+            if self.by_vip.get(&k).map(String::as_str) == Some(key) {
+                self.by_vip.remove(&k);
+            }
+        }
+        true
+    }
+}
+
+/// A change to part of the state, as one xDS response carries it.
+#[derive(Debug, Default)]
+pub struct Delta {
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    /// Resource names (workload uid or `<ns>/<hostname>`) to drop.
+    pub removed_addresses: Vec<String>,
+    pub policies: Vec<Authorization>,
+    /// Policy names (`<ns>/<name>`) to drop.
+    pub removed_policies: Vec<String>,
 }
 
 /// Shared, concurrently readable view of the mesh.
@@ -506,22 +581,59 @@ impl ProxyState {
     pub fn replace(&self, snap: Snapshot) {
         let mut next = Inner::default();
         for w in snap.workloads {
-            for ip in &w.ips {
-                next.by_ip.insert((w.network.clone(), *ip), w.uid.clone());
-            }
-            next.workloads.insert(w.uid.clone(), Arc::new(w));
+            next.insert_workload(w);
         }
         for s in snap.services {
-            for (net, ip) in &s.vips {
-                next.by_vip.insert((net.clone(), *ip), s.key());
-            }
-            next.services.insert(s.key(), Arc::new(s));
+            next.insert_service(s);
         }
         for p in snap.policies {
             next.policies
                 .insert(format!("{}/{}", p.namespace, p.name), p);
         }
         *self.inner.write().unwrap_or_else(|e| e.into_inner()) = next;
+        self.loaded.send_replace(true);
+    }
+
+    /// Apply part of the state in one step (one xDS response).
+    pub fn apply_delta(&self, delta: Delta) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        for name in &delta.removed_addresses {
+            if !inner.remove_workload(name) {
+                inner.remove_service(name);
+            }
+        }
+        for w in delta.workloads {
+            inner.insert_workload(w);
+        }
+        for s in delta.services {
+            inner.insert_service(s);
+        }
+        for name in &delta.removed_policies {
+            inner.policies.remove(name);
+        }
+        for p in delta.policies {
+            inner
+                .policies
+                .insert(format!("{}/{}", p.namespace, p.name), p);
+        }
+    }
+
+    /// Identities of the HBONE workloads scheduled on `node`.
+    pub fn local_identities(&self, node: &str) -> Vec<Identity> {
+        let inner = self.read();
+        let mut ids: Vec<Identity> = inner
+            .workloads
+            .values()
+            .filter(|w| w.node == node && w.protocol == Protocol::Hbone)
+            .map(|w| w.identity())
+            .collect();
+        ids.sort_by_key(|i| i.to_string());
+        ids.dedup();
+        ids
+    }
+
+    /// Declares the state complete: connections waiting for it proceed.
+    pub fn mark_loaded(&self) {
         self.loaded.send_replace(true);
     }
 
@@ -546,14 +658,14 @@ impl ProxyState {
 
     /// Workloads that back a service key, in a stable order.
     fn endpoints(inner: &Inner, key: &str) -> Vec<Arc<Workload>> {
-        let mut eps: Vec<Arc<Workload>> = inner
-            .workloads
-            .values()
-            .filter(|w| w.services.contains_key(key))
-            .cloned()
-            .collect();
-        eps.sort_by(|a, b| a.uid.cmp(&b.uid));
-        eps
+        // The index is a BTreeSet of uids: already in a stable order.
+        inner
+            .endpoints
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| inner.workloads.get(uid).cloned())
+            .collect()
     }
 
     /// Resolve an original destination as seen from `network`.

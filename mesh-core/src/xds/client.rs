@@ -7,7 +7,7 @@
 //! was. On any stream failure it reconnects with exponential backoff and
 //! tells the server what it holds (`initial_resource_versions`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,16 @@ pub enum ClientError {
     /// The client's state lock was poisoned.
     #[error("xds client state lock poisoned")]
     Poisoned,
+    /// The token file could not be read.
+    #[error("reading the xds token {path}: {source}")]
+    Token {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token holds bytes a header cannot carry.
+    #[error("the xds token in {0} is not a valid header value")]
+    TokenFormat(String),
 }
 
 /// A resource as received: name, version, packed message.
@@ -40,8 +50,10 @@ pub type Upsert = (String, String, Any);
 
 /// Applies pushed resources to the data plane.
 pub trait Handler: Send + Sync + 'static {
-    /// Applies one response atomically; `Err` rejects all of it (NACK) and
-    /// the handler must keep its previous state.
+    /// Applies one response. `Err` NACKs it with that message: the handler
+    /// must keep serving its last good version of every resource it
+    /// rejected; it may apply the valid rest (as Istio's ztunnel does), since
+    /// the server will not resend resources it already pushed.
     fn apply(
         &self,
         type_url: &str,
@@ -88,6 +100,9 @@ pub struct ClientConfig {
     pub backoff_initial: Duration,
     /// Cap on the reconnect delay.
     pub backoff_max: Duration,
+    /// File holding the bearer token presented on every stream; re-read on
+    /// each connect because projected tokens rotate.
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl ClientConfig {
@@ -101,6 +116,7 @@ impl ClientConfig {
             subscriptions: Vec::new(),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(15),
+            token_file: None,
         }
     }
 
@@ -117,6 +133,20 @@ struct State {
     held: HashMap<String, HashMap<String, String>>,
     /// Request sink of the live stream, if any.
     live: Option<mpsc::UnboundedSender<DeltaDiscoveryRequest>>,
+    /// Types with at least one applied response (ever, across streams).
+    responded: HashSet<String>,
+}
+
+impl State {
+    /// Complete once every wildcard type has been answered: until then a
+    /// missing resource cannot be told apart from one not yet sent.
+    /// On-demand types never hold readiness up.
+    fn complete(&self) -> bool {
+        self.subs
+            .iter()
+            .filter(|(_, s)| s.wildcard)
+            .all(|(t, _)| self.responded.contains(t))
+    }
 }
 
 /// Handle to change subscriptions and observe readiness while
@@ -128,7 +158,8 @@ pub struct ClientHandle {
 }
 
 impl ClientHandle {
-    /// Becomes `true` once the first response has been applied.
+    /// Becomes `true` once every wildcard-subscribed type has had a
+    /// response applied (the control plane's full view has arrived).
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.ready.clone()
     }
@@ -178,6 +209,7 @@ impl XdsClient {
             subs: config.subscriptions.clone(),
             held: HashMap::new(),
             live: None,
+            responded: HashSet::new(),
         }));
         Self {
             channel,
@@ -236,8 +268,24 @@ impl XdsClient {
         let outbound =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
         let mut grpc = AggregatedDiscoveryServiceClient::new(self.channel.clone());
+        let mut request = tonic::Request::new(outbound);
+        if let Some(path) = &self.config.token_file {
+            let token = std::fs::read_to_string(path).map_err(|e| {
+                (
+                    false,
+                    ClientError::Token {
+                        path: path.display().to_string(),
+                        source: e,
+                    },
+                )
+            })?;
+            let value = format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| (false, ClientError::TokenFormat(path.display().to_string())))?;
+            request.metadata_mut().insert("authorization", value);
+        }
         let mut inbound = grpc
-            .delta_aggregated_resources(outbound)
+            .delta_aggregated_resources(request)
             .await
             .map_err(|e| (false, e.into()))?
             .into_inner();
@@ -304,8 +352,12 @@ impl XdsClient {
                 for n in &removes {
                     held.remove(n);
                 }
+                st.responded.insert(resp.type_url.clone());
+                let complete = st.complete();
                 drop(st);
-                self.ready_tx.send_replace(true);
+                if complete {
+                    self.ready_tx.send_replace(true);
+                }
                 None
             }
             Err(message) => {

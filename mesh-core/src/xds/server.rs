@@ -40,7 +40,10 @@ pub struct Entry {
 
 #[derive(Default)]
 struct StoreInner {
-    types: HashMap<String, BTreeMap<String, Entry>>,
+    /// Copy-on-write per type: a push takes an `Arc` of the map instead of
+    /// copying every resource, and a writer copies only while a push still
+    /// holds the previous map.
+    types: HashMap<String, Arc<BTreeMap<String, Entry>>>,
     next_version: u64,
 }
 
@@ -76,7 +79,7 @@ impl ResourceStore {
         }
         inner.next_version += 1;
         let version = inner.next_version.to_string();
-        inner.types.entry(type_url.to_string()).or_default().insert(
+        Arc::make_mut(inner.types.entry(type_url.to_string()).or_default()).insert(
             name.to_string(),
             Entry {
                 version: version.clone(),
@@ -88,14 +91,55 @@ impl ResourceStore {
         Ok(version)
     }
 
+    /// Applies many upserts and removals of one type under one lock and
+    /// one change notification (a translation batch). Unchanged bytes keep
+    /// their version. Returns how many entries changed.
+    pub fn apply(
+        &self,
+        type_url: &str,
+        upserts: impl IntoIterator<Item = (String, Any)>,
+        removes: impl IntoIterator<Item = String>,
+    ) -> Result<usize, ServerError> {
+        let mut inner = self.inner.write().map_err(|_| ServerError::Poisoned)?;
+        let StoreInner {
+            types,
+            next_version,
+        } = &mut *inner;
+        let map = Arc::make_mut(types.entry(type_url.to_string()).or_default());
+        let mut changed = 0;
+        for (name, resource) in upserts {
+            if map.get(&name).is_some_and(|e| e.resource == resource) {
+                continue;
+            }
+            *next_version += 1;
+            map.insert(
+                name,
+                Entry {
+                    version: next_version.to_string(),
+                    resource,
+                },
+            );
+            changed += 1;
+        }
+        for name in removes {
+            if map.remove(&name).is_some() {
+                changed += 1;
+            }
+        }
+        drop(inner);
+        if changed > 0 {
+            self.changed.send_modify(|n| *n += 1);
+        }
+        Ok(changed)
+    }
+
     /// Removes a resource; returns whether it existed.
     pub fn remove(&self, type_url: &str, name: &str) -> Result<bool, ServerError> {
         let mut inner = self.inner.write().map_err(|_| ServerError::Poisoned)?;
         let existed = inner
             .types
             .get_mut(type_url)
-            .and_then(|m| m.remove(name))
-            .is_some();
+            .is_some_and(|m| m.contains_key(name) && Arc::make_mut(m).remove(name).is_some());
         drop(inner);
         if existed {
             self.changed.send_modify(|n| *n += 1);
@@ -103,8 +147,8 @@ impl ResourceStore {
         Ok(existed)
     }
 
-    /// Copy of every resource of one type.
-    pub fn snapshot(&self, type_url: &str) -> Result<BTreeMap<String, Entry>, ServerError> {
+    /// Every resource of one type, as of now (a shared, immutable view).
+    pub fn snapshot(&self, type_url: &str) -> Result<Arc<BTreeMap<String, Entry>>, ServerError> {
         let inner = self.inner.read().map_err(|_| ServerError::Poisoned)?;
         Ok(inner.types.get(type_url).cloned().unwrap_or_default())
     }
@@ -129,6 +173,17 @@ impl Authorizer for AllowAll {
     fn allow(&self, _: &str, _: &str, _: &str) -> bool {
         true
     }
+}
+
+/// Authenticates a stream before anything is sent on it (the bearer token
+/// in its metadata, in the control plane). Returns who the caller is, for
+/// logs.
+pub trait StreamAuthenticator: Send + Sync + 'static {
+    /// `Err` ends the stream with that status before any response.
+    fn authenticate(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> futures::future::BoxFuture<'static, Result<String, Status>>;
 }
 
 /// What happened on a connection, for metrics and tests.
@@ -174,6 +229,7 @@ pub enum ServerEvent {
 pub struct XdsServer {
     store: Arc<ResourceStore>,
     authorizer: Arc<dyn Authorizer>,
+    authenticator: Option<Arc<dyn StreamAuthenticator>>,
     debounce: Duration,
     events: broadcast::Sender<ServerEvent>,
     kick: watch::Sender<u64>,
@@ -185,6 +241,7 @@ impl XdsServer {
         Self {
             store,
             authorizer: Arc::new(AllowAll),
+            authenticator: None,
             debounce: Duration::from_millis(10),
             events: broadcast::channel(1024).0,
             kick: watch::channel(0).0,
@@ -194,6 +251,12 @@ impl XdsServer {
     /// Restricts what each node may see.
     pub fn with_authorizer(mut self, authorizer: Arc<dyn Authorizer>) -> Self {
         self.authorizer = authorizer;
+        self
+    }
+
+    /// Requires every stream to authenticate first.
+    pub fn with_authenticator(mut self, authn: Arc<dyn StreamAuthenticator>) -> Self {
+        self.authenticator = Some(authn);
         self
     }
 
@@ -230,6 +293,15 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        if let Some(authn) = &self.authenticator {
+            match authn.authenticate(request.metadata()).await {
+                Ok(caller) => tracing::debug!(%caller, "xds stream authenticated"),
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "xds stream refused");
+                    return Err(status);
+                }
+            }
+        }
         let incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let conn = Connection {
@@ -401,7 +473,7 @@ impl Connection {
         };
         let mut resources = Vec::new();
         let mut wanted = HashSet::new();
-        for (name, entry) in &snapshot {
+        for (name, entry) in snapshot.iter() {
             if !(state.wildcard || state.names.contains(name)) {
                 continue;
             }

@@ -1,0 +1,111 @@
+//! From translator to the wire: applies source batches to the translator
+//! and publishes what changed into the xDS resource store, which pushes it
+//! to every connected ztunnel.
+//!
+//! Batches that arrive together are applied together, so a burst of
+//! Kubernetes events (a Deployment rolling) becomes one store update and
+//! one push, not one per pod.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use mesh_core::drain;
+use mesh_core::proto::ADDRESS_TYPE_URL;
+use mesh_core::xds::server::ResourceStore;
+use pbjson_types::Any;
+use prost::Message;
+use tokio::sync::mpsc;
+
+use crate::ca::NodeLookup;
+use crate::translate::{Changes, Event, Translator};
+
+/// Errors publishing to the store.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// The resource store is unusable.
+    #[error("resource store: {0}")]
+    Store(#[from] mesh_core::xds::server::ServerError),
+}
+
+/// The translator, shared by the push loop and the CA's node checks.
+#[derive(Clone)]
+pub struct SharedTranslator(Arc<Mutex<Translator>>);
+
+impl SharedTranslator {
+    /// Wraps a translator.
+    pub fn new(t: Translator) -> Self {
+        Self(Arc::new(Mutex::new(t)))
+    }
+
+    /// Exclusive access; a panic while held does not make it unusable.
+    pub fn lock(&self) -> MutexGuard<'_, Translator> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl NodeLookup for SharedTranslator {
+    fn pod_node(&self, namespace: &str, name: &str) -> Option<String> {
+        self.lock().pod_node(namespace, name)
+    }
+
+    fn identity_on_node(&self, namespace: &str, service_account: &str, node: &str) -> bool {
+        self.lock()
+            .identity_on_node(namespace, service_account, node)
+    }
+}
+
+/// Encodes translator output into the store in one batch.
+pub fn publish(store: &ResourceStore, changes: Changes) -> Result<usize, PushError> {
+    let upserts = changes.upserts.into_iter().map(|(name, addr)| {
+        (
+            name,
+            Any {
+                type_url: ADDRESS_TYPE_URL.to_string(),
+                value: addr.encode_to_vec().into(),
+            },
+        )
+    });
+    Ok(store.apply(ADDRESS_TYPE_URL, upserts, changes.removes)?)
+}
+
+/// Applies batches from the sources until they close or drain begins.
+pub async fn run(
+    mut batches: mpsc::UnboundedReceiver<Vec<Event>>,
+    translator: SharedTranslator,
+    store: Arc<ResourceStore>,
+    drain: drain::Watch,
+) -> Result<(), PushError> {
+    loop {
+        let first = tokio::select! {
+            b = batches.recv() => match b {
+                Some(b) => b,
+                None => return Ok(()),
+            },
+            _ = drain.signaled() => return Ok(()),
+        };
+        let changes = {
+            let mut t = translator.lock();
+            let mut events = first.len();
+            for ev in first {
+                t.apply(ev);
+            }
+            // Take whatever else is already queued: one push for a burst.
+            while let Ok(more) = batches.try_recv() {
+                events += more.len();
+                for ev in more {
+                    t.apply(ev);
+                }
+            }
+            let c = t.take_changes();
+            tracing::debug!(
+                events,
+                upserts = c.upserts.len(),
+                removes = c.removes.len(),
+                "translated"
+            );
+            c
+        };
+        if !changes.upserts.is_empty() || !changes.removes.is_empty() {
+            publish(&store, changes)?;
+        }
+    }
+}
