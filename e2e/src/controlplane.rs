@@ -269,6 +269,9 @@ pub async fn create_pod(client: &Client, p: &PodSpecOf<'_>) -> Result<Pod> {
         spec: Some(PodSpec {
             node_name: Some(p.node.to_string()),
             service_account_name: Some(p.service_account.to_string()),
+            // The v1.20 token controller may not have made the account's
+            // legacy token yet; nothing here mounts it anyway.
+            automount_service_account_token: Some(false),
             containers: vec![Container {
                 name: "app".into(),
                 image: Some("mesh-app".into()),

@@ -205,7 +205,8 @@ impl Mesh {
             spec_pods_removed: Mutex::new(Vec::new()),
         };
         if mesh.spec.control_plane {
-            mesh.start_control_plane().map_err(setup)?;
+            mesh.start_control_plane()
+                .map_err(|e| setup(format!("{e:#}")))?;
         }
         let state = mesh.state_yaml();
         for n in mesh.spec.nodes.clone() {

@@ -436,7 +436,14 @@ async fn xds_refuses_streams_without_a_valid_token() -> Result<()> {
 
 // --- the two-node mesh on the control plane --------------------------------
 
-const VIP_STR: &str = "10.96.7.10";
+/// Each mesh test has its own VIP: they share one API server, which
+/// allocates ClusterIPs cluster-wide.
+const VIP_CA: [u8; 4] = [10, 96, 7, 10];
+const VIP_RESTART: [u8; 4] = [10, 96, 7, 11];
+
+fn vip_str(vip: [u8; 4]) -> String {
+    std::net::Ipv4Addr::from(vip).to_string()
+}
 
 fn root_or_skip() -> bool {
     if !e2e::is_root() {
@@ -446,13 +453,13 @@ fn root_or_skip() -> bool {
     true
 }
 
-fn cp_mesh() -> Mesh {
+fn cp_mesh(vip: [u8; 4]) -> Mesh {
     let spec = MeshSpec::default()
         .node("n1")
         .node("n2")
         .mesh_pod("n1", "client", "sleep")
         .mesh_pod("n2", "b1", "b")
-        .service("b", [10, 96, 7, 10], &[(80, 8080), (9001, 9001)], &["b1"])
+        .service("b", vip, &[(80, 8080), (9001, 9001)], &["b1"])
         .with_control_plane();
     let mesh = Mesh::start(spec).expect("mesh on the control plane starts");
     let t = &mesh.topo;
@@ -493,9 +500,10 @@ fn pod_to_service_crosses_nodes_with_ca_issued_certificates() {
     if !root_or_skip() {
         return;
     }
-    let mesh = cp_mesh();
+    let mesh = cp_mesh(VIP_CA);
     let cp = mesh.control_plane();
-    let (code, body) = http_get(&mesh, "client", &format!("http://{VIP_STR}/hello"));
+    let vip = vip_str(VIP_CA);
+    let (code, body) = http_get(&mesh, "client", &format!("http://{vip}/hello"));
     assert_eq!(code, 0, "{body}\n{}\n{}", mesh.ztunnel_logs(), cp.logs());
     assert_eq!(body["server"], "b1");
     assert_eq!(body["client_ip"], mesh.topo.pod("client").ip().to_string());
@@ -512,12 +520,19 @@ fn pod_to_service_crosses_nodes_with_ca_issued_certificates() {
             .find(|c| c["identity"] == id.as_str())
             .unwrap_or_else(|| panic!("{id} on {node}: {}", dump["certificates"]))
             .clone();
-        let roots = cert["rootCerts"].to_string();
-        let root_body: String = root.lines().filter(|l| !l.starts_with("-----")).collect();
-        assert!(
-            roots.replace("\\n", "").contains(&root_body[..64]),
-            "{node}: root is not istiod-lite's: {roots}"
-        );
+        use base64::Engine as _;
+        let roots: Vec<String> = cert["rootCerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let pem = base64::engine::general_purpose::STANDARD
+                    .decode(r["pem"].as_str().unwrap_or_default())
+                    .unwrap_or_default();
+                String::from_utf8_lossy(&pem).trim().to_string()
+            })
+            .collect();
+        assert_eq!(roots, [root.trim()], "{node}: root is not istiod-lite's");
         // The ztunnel learned the mesh from xDS, not a file.
         assert!(
             dump["config"]["xdsSource"]["address"].is_string(),
@@ -538,9 +553,10 @@ fn istiod_restart_keeps_connections_and_resyncs() {
     if !root_or_skip() {
         return;
     }
-    let mesh = cp_mesh();
+    let mesh = cp_mesh(VIP_RESTART);
     let cp = mesh.control_plane();
-    let vip: SocketAddr = format!("{VIP_STR}:9001").parse().unwrap();
+    let vip_s = vip_str(VIP_RESTART);
+    let vip: SocketAddr = format!("{vip_s}:9001").parse().unwrap();
     let conn = e2e::mesh::connect_from(mesh.topo.pod("client"), vip).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -557,7 +573,7 @@ fn istiod_restart_keeps_connections_and_resyncs() {
     cp.stop();
     // Without the control plane the data plane keeps its last state.
     assert_eq!(echo("while down"), "while down\n");
-    let (code, body) = http_get(&mesh, "client", &format!("http://{VIP_STR}/down"));
+    let (code, body) = http_get(&mesh, "client", &format!("http://{vip_s}/down"));
     assert_eq!(code, 0, "{body}");
 
     // A change made while istiod-lite is down reaches the ztunnels after
