@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# Benchmark of the mesh data path against direct pod-to-pod traffic: builds
-# release binaries, then runs `mesh-bench` as root on a local two-node
-# topology (network namespaces). Arguments go to mesh-bench, e.g.
-#   scripts/bench.sh --json
-#   scripts/bench.sh --seconds 10 --dest vip
-# The benchmark itself takes a bit over a minute (plus the build).
+# Benchmarks, built in release mode.
+#
+#   scripts/bench.sh [mesh-bench args]      data path: the mesh against direct
+#                                           pod-to-pod traffic on a local
+#                                           two-node topology (needs root),
+#                                           e.g. --json, --seconds 10 --dest vip
+#   scripts/bench.sh --control-plane [args] control plane at scale: cp-bench
+#                                           (10,000 pods / 1,000 services by
+#                                           default; --pods, --services, --json)
+# The data-path benchmark takes a bit over a minute, the control-plane one
+# under a minute (plus the build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
-cargo build --release -p ztunnel -p e2e --bins
+cargo build --release -p ztunnel -p istiod-lite -p e2e --bins
 bin_dir=$(cd "$target/release" && pwd)
+export MESH_BIN_DIR=$bin_dir
+if [ "${1:-}" = "--control-plane" ]; then
+  shift
+  exec "$bin_dir/cp-bench" "$@"
+fi
 run=("$bin_dir/mesh-bench" "$@")
 if [ "$(id -u)" != 0 ]; then
   run=(sudo --preserve-env=RUST_LOG "MESH_BIN_DIR=$bin_dir" "${run[@]}")
-else
-  export MESH_BIN_DIR=$bin_dir
 fi
 exec "${run[@]}"

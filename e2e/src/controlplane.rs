@@ -324,7 +324,12 @@ pub async fn set_pod_status(
             "podIPs": [{"ip": ip.to_string()}],
             "conditions": [
                 {"type": "Ready", "status": if ready { "True" } else { "False" }},
+                {"type": "ContainersReady", "status": if ready { "True" } else { "False" }},
             ],
+            "containerStatuses": [{
+                "name": "app", "image": "mesh-app", "imageID": "", "ready": ready,
+                "restartCount": 0, "started": true, "state": {"running": {}},
+            }],
         }
     });
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))

@@ -539,12 +539,20 @@ fn pod_to_service_crosses_nodes_with_ca_issued_certificates() {
             "{}",
             dump["config"]
         );
+        // Exactly this mesh's pods and service, as the control plane
+        // translated them.
         let wl = dump["workloads"].as_array().unwrap();
-        assert!(
-            wl.iter()
-                .any(|w| w["name"] == "b1" && w["protocol"] == "HBONE"),
-            "{wl:?}"
-        );
+        let mut names: Vec<&str> = wl.iter().filter_map(|w| w["name"].as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["b1", "client"], "{wl:?}");
+        assert!(wl.iter().all(|w| w["protocol"] == "HBONE"), "{wl:?}");
+        let b1 = wl.iter().find(|w| w["name"] == "b1").unwrap();
+        assert_eq!(b1["node"], "n2");
+        assert_eq!(b1["serviceAccount"], "b");
+        let svcs = dump["services"].as_array().unwrap();
+        assert_eq!(svcs.len(), 1, "{svcs:?}");
+        assert_eq!(svcs[0]["hostname"], mesh.hostname("b").as_str());
+        assert_eq!(svcs[0]["vips"][0], format!("/{vip}"));
     }
 }
 

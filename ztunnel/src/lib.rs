@@ -192,7 +192,10 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
             let client = XdsClient::new(
                 control_plane_channel(cp)?,
                 client_cfg,
-                Arc::new(xds::StateHandler::new(state.clone())),
+                Arc::new(
+                    xds::StateHandler::new(state.clone())
+                        .with_prefetch(cfg.node_name.clone(), certs.clone()),
+                ),
             );
             let mut complete = client.handle().ready();
             let block = ready.register_task("state");

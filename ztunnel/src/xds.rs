@@ -14,7 +14,9 @@ use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use mesh_core::xds::client::{Handler, Upsert};
 use prost::Message;
 
-use crate::state::{convert_service, convert_workload, Delta, ProxyState};
+use mesh_core::certs::CertificateManager;
+
+use crate::state::{convert_service, convert_workload, Delta, Protocol, ProxyState};
 
 /// Errors found in one response; any of them rejects it.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +50,23 @@ pub enum XdsError {
 /// Applies pushed Workload API resources to the proxy state.
 pub struct StateHandler {
     state: ProxyState,
+    prefetch: Option<(String, CertificateManager)>,
 }
 
 impl StateHandler {
     pub fn new(state: ProxyState) -> Self {
-        Self { state }
+        Self {
+            state,
+            prefetch: None,
+        }
+    }
+
+    /// Also start fetching the certificate of every HBONE workload that
+    /// lands on `node`, so a new pod's first connection does not wait on
+    /// the CA.
+    pub fn with_prefetch(mut self, node: String, certs: CertificateManager) -> Self {
+        self.prefetch = Some((node, certs));
+        self
     }
 
     fn check_type(name: &str, found: &str, expected: &'static str) -> Result<(), XdsError> {
@@ -163,7 +177,21 @@ impl Handler for StateHandler {
             AUTHORIZATION_TYPE_URL => Self::authorizations(upserts, removes, &mut delta),
             other => return Err(XdsError::UnknownType(other.to_string()).to_string()),
         };
+        let local: Vec<_> = match &self.prefetch {
+            Some((node, _)) => delta
+                .workloads
+                .iter()
+                .filter(|w| &w.node == node && w.protocol == Protocol::Hbone)
+                .map(|w| w.identity())
+                .collect(),
+            None => Vec::new(),
+        };
         self.state.apply_delta(delta);
+        if let Some((_, certs)) = &self.prefetch {
+            for id in &local {
+                certs.prefetch(id);
+            }
+        }
         if errors.is_empty() {
             tracing::debug!(type_url, upserts = n, removes = r, "applied xds response");
             return Ok(());

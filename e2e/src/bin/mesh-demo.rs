@@ -1,16 +1,22 @@
-//! `mesh-demo`: brings up the local two-node mesh and walks through what it
-//! does, section by section: the topology, a request from an enrolled client
-//! pod on n1 to a service VIP whose only endpoint runs on n2 (captured in-pod
-//! by n1's ztunnel, carried over HBONE to n2's ztunnel, handed to the server
-//! from the client's own address), the ztunnel's view of the cluster, the
-//! Istio metrics both ztunnels recorded, traffic to a host outside the mesh
-//! (passed through), a non-mesh pod calling into the mesh, and packet
-//! captures on the node links showing what is and is not readable there.
+//! `mesh-demo`: brings up the local two-node mesh on its control plane and
+//! walks through what it does, section by section: the Kubernetes objects
+//! (nodes, pods, a service in a namespace labelled for ambient) and how
+//! istiod-lite turns them into the Workload API the ztunnels receive over
+//! delta xDS and the certificates its CA issues them; the topology; a
+//! request from an enrolled client pod on n1 to a service VIP whose only
+//! endpoint runs on n2 (captured in-pod by n1's ztunnel, carried over HBONE
+//! to n2's ztunnel, handed to the server from the client's own address); the
+//! ztunnel's view of the cluster; the Istio metrics both ztunnels recorded; a
+//! Service changed through the API reaching the ztunnels while they run;
+//! traffic to a host outside the mesh (passed through); a non-mesh pod
+//! calling into the mesh; and packet captures on the node links showing what
+//! is and is not readable there.
 //!
 //! Then it keeps the mesh up until Ctrl-C and prints how to poke at it; with
 //! `--once` it tears down right after the walk-through. Everything (network
-//! namespaces, processes, temporary files) is removed on exit, Ctrl-C
-//! included. Needs root; run it through `scripts/demo.sh`.
+//! namespaces, processes, temporary files, the run's Kubernetes namespaces
+//! and the API server it started) is removed on exit, Ctrl-C included. Needs
+//! root and the API server binaries; run it through `scripts/demo.sh`.
 
 use e2e::interrupt::Interrupt;
 use std::collections::BTreeMap;
@@ -18,6 +24,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use base64::Engine as _;
 use clap::Parser;
 use e2e::capture;
 use e2e::mesh::{Mesh, MeshSpec};
@@ -30,6 +37,11 @@ const SERVICE_PORT: u16 = 80;
 const HBONE_PORT: u16 = e2e::rules::HBONE_PORT;
 /// Bound on waiting for a metric or log line that follows a connection.
 const SETTLE: Duration = Duration::from_secs(10);
+/// The port the live-change section adds to the service.
+const EXTRA_PORT: u16 = 8081;
+/// The label that puts a namespace (or, set to `none`, takes a pod) in or
+/// out of the ambient mesh.
+const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
 #[derive(Parser)]
 #[command(
@@ -58,9 +70,13 @@ fn main() -> anyhow::Result<()> {
         .plain_pod("n1", "outsider")
         .external()
         .service(SERVICE, VIP, &[(SERVICE_PORT, APP_PORT)], &["server"])
+        .with_control_plane()
         // Plain log files: the demo shows lines of them.
         .ztunnel_env("NO_COLOR", "1");
-    println!("Starting two nodes, three pods, an external host and a ztunnel per node...");
+    println!(
+        "Starting a Kubernetes API server and istiod-lite, two nodes, three pods, an external\n\
+         host and a ztunnel per node..."
+    );
     let mesh = Mesh::start(spec).context("starting the mesh")?;
     let demo = Demo {
         mesh: &mesh,
@@ -70,6 +86,9 @@ fn main() -> anyhow::Result<()> {
     let result = demo.run(args.once);
     if result.is_err() && !interrupt.raised() {
         eprintln!("{}", mesh.ztunnel_logs());
+        if let Some(cp) = &mesh.cp {
+            eprintln!("--- istiod-lite ---\n{}", cp.logs());
+        }
     }
     println!("Removing namespaces, processes and files...");
     drop(mesh);
@@ -125,6 +144,8 @@ impl Demo<'_> {
         t.wait_for_tcp(t.pod("server"), t.pod("server").addr(APP_PORT))?;
         t.wait_for_tcp(t.external(), t.external().addr(APP_PORT))?;
 
+        self.control_plane()?;
+        self.interrupt.check()?;
         self.topology();
         self.interrupt.check()?;
         let hbone_pcap = self.hbone_request()?;
@@ -132,6 +153,8 @@ impl Demo<'_> {
         self.ztunnel_view()?;
         self.interrupt.check()?;
         self.metrics()?;
+        self.interrupt.check()?;
+        self.live_change()?;
         self.interrupt.check()?;
         let plain_pcap = self.passthrough()?;
         self.interrupt.check()?;
@@ -147,11 +170,178 @@ impl Demo<'_> {
 
     // ------------------------------------------------------------ sections
 
+    fn control_plane(&self) -> anyhow::Result<()> {
+        let cp = self.mesh.control_plane();
+        let ns = self.mesh.namespace.as_str();
+        heading("1. The control plane");
+        println!(
+            "A Kubernetes API server (etcd, kube-apiserver, controller manager and scheduler on\n\
+             loopback) holds the cluster as a user of Istio sees it. No kubelet runs: the demo\n\
+             plays it, registering the nodes and reporting each pod Running and Ready with its\n\
+             IP (no node or container status is reported, hence Unknown and 0/1 below).\n"
+        );
+        self.kubectl(&["get", "nodes"])?;
+        self.kubectl(&["get", "namespace", ns, "-L", DATAPLANE_MODE])?;
+        self.kubectl(&["get", "pods", "-n", ns, "-o", "wide"])?;
+        self.kubectl(&["get", "svc", "-n", ns])?;
+        let opted_out: Vec<&str> = self
+            .mesh
+            .spec
+            .plain_pods
+            .iter()
+            .map(|(_, p)| p.as_str())
+            .collect();
+        println!(
+            "The namespace's label {DATAPLANE_MODE}=ambient enrolls its pods; {} opts out with\n\
+             the pod label {DATAPLANE_MODE}=none.\n",
+            list(&opted_out)
+        );
+
+        let istiod = cp
+            .process()
+            .map(|p| format!("pid {}", p.pid()))
+            .unwrap_or_else(|| "not running".into());
+        let xds = e2e::controlplane::xds_address();
+        println!(
+            "istiod-lite ({istiod}) watches Namespaces, Pods and Services, translates them into\n\
+             Workload API resources (a Workload per pod, a Service per Service) and pushes them\n\
+             over delta xDS; its CA signs the ztunnels' workload certificates. Both over TLS on\n\
+             {xds}, which the nodes reach.\n"
+        );
+        let mut rows = vec![row(&[
+            "ZTUNNEL",
+            "XDS SOURCE",
+            "CA SOURCE",
+            "WORKLOADS",
+            "SERVICES",
+        ])];
+        let mut dumps = Vec::new();
+        for n in self.mesh.topo.nodes() {
+            let dump = self.mesh.config_dump(n.name())?;
+            let source = dump["config"]["xdsSource"]["address"].as_str();
+            if source != Some(xds.as_str()) {
+                bail!(
+                    "ztunnel on {} does not take its configuration from istiod-lite: {}",
+                    n.name(),
+                    dump["config"]["xdsSource"]
+                );
+            }
+            let count = |k: &str| dump[k].as_array().map_or(0, Vec::len).to_string();
+            rows.push(vec![
+                n.name().to_string(),
+                text(&dump["config"]["xdsSource"]["address"]),
+                text(&dump["config"]["caSource"]["address"]),
+                count("workloads"),
+                count("services"),
+            ]);
+            dumps.push((n.name().to_string(), dump));
+        }
+        print_table(&rows);
+        println!("(from each ztunnel's /config_dump: config.xdsSource and what it holds)");
+
+        println!("\nistiod-lite's CA root, {}:", cp.root_cert.display());
+        let root = std::fs::read_to_string(&cp.root_cert)
+            .with_context(|| format!("reading {}", cp.root_cert.display()))?;
+        let root_file = cp.root_cert.display().to_string();
+        self.openssl(&[
+            "x509", "-in", &root_file, "-noout", "-subject", "-serial", "-enddate",
+        ]);
+        println!(
+            "\nWorkload certificates the ztunnels hold, from their /config_dump (serials in hex,\n\
+             as openssl prints them):\n"
+        );
+        let mut leaf_files = Vec::new();
+        for (node, dump) in &dumps {
+            for c in dump["certificates"].as_array().into_iter().flatten() {
+                let identity = text(&c["identity"]);
+                if c["state"] != "Available" {
+                    bail!("{node}: certificate of {identity} is {}", c["state"]);
+                }
+                let roots: Vec<String> = c["rootCerts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(pem_of)
+                    .collect();
+                if roots.len() != 1 || roots[0].trim() != root.trim() {
+                    bail!("{node}: the root of {identity}'s certificate is not istiod-lite's");
+                }
+                let leaf = &c["certChain"][0];
+                let root_details = &c["rootCerts"][0];
+                println!("{node}  {identity}");
+                println!(
+                    "      leaf  serial={}  notBefore={}  notAfter={}",
+                    serial_hex(&leaf["serialNumber"]),
+                    text(&leaf["validFrom"]),
+                    text(&leaf["expirationTime"])
+                );
+                println!(
+                    "      root  serial={}  notAfter={}  = istiod-lite's root (same PEM)",
+                    serial_hex(&root_details["serialNumber"]),
+                    text(&root_details["expirationTime"])
+                );
+                // The leaf and any intermediates, for openssl to verify.
+                let chain: Vec<String> = c["certChain"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(pem_of)
+                    .collect();
+                if let Some((leaf_pem, intermediates)) = chain.split_first() {
+                    let sa = identity.rsplit('/').next().unwrap_or("workload");
+                    let leaf_path = self.mesh.topo.temp_path(&format!("{node}-{sa}.pem"));
+                    std::fs::write(&leaf_path, leaf_pem)?;
+                    let chain_path = if intermediates.is_empty() {
+                        None
+                    } else {
+                        let p = self.mesh.topo.temp_path(&format!("{node}-{sa}-chain.pem"));
+                        std::fs::write(&p, intermediates.concat())?;
+                        Some(p)
+                    };
+                    leaf_files.push((leaf_path, chain_path));
+                }
+            }
+        }
+        // One openssl run for leaves signed by the root itself; one each
+        // for those that come with intermediates.
+        let (direct, chained): (Vec<_>, Vec<_>) =
+            leaf_files.into_iter().partition(|(_, c)| c.is_none());
+        let direct: Vec<String> = direct
+            .iter()
+            .map(|(l, _)| l.display().to_string())
+            .collect();
+        let mut runs: Vec<Vec<String>> = Vec::new();
+        if !direct.is_empty() {
+            runs.push(direct);
+        }
+        for (leaf, chain) in &chained {
+            let chain = chain.as_ref().map(|p| p.display().to_string());
+            runs.push(
+                ["-untrusted".to_string()]
+                    .into_iter()
+                    .chain(chain)
+                    .chain([leaf.display().to_string()])
+                    .collect(),
+            );
+        }
+        for extra in &runs {
+            let mut args = vec!["verify", "-CAfile", root_file.as_str()];
+            args.extend(extra.iter().map(String::as_str));
+            println!();
+            self.openssl(&args);
+        }
+        Ok(())
+    }
+
     fn topology(&self) {
         let t = &self.mesh.topo;
         let spec = &self.mesh.spec;
-        heading("1. Topology");
-        println!("Every node, pod and host is a network namespace; nodes meet on one L2 bridge.\n");
+        heading("2. Topology");
+        println!(
+            "Every node, pod and host is a network namespace; nodes meet on one L2 bridge. The\n\
+             pods are those of Kubernetes namespace {}.\n",
+            self.mesh.namespace
+        );
         let mut rows = vec![row(&["NODE", "ADDRESS", "POD CIDR", "ZTUNNEL", "NETNS"])];
         for n in t.nodes() {
             let z = self
@@ -224,7 +414,7 @@ impl Demo<'_> {
     /// link meanwhile.
     fn hbone_request(&self) -> anyhow::Result<Vec<u8>> {
         let t = &self.mesh.topo;
-        heading("2. client (n1) -> service VIP -> server (n2), over HBONE");
+        heading("3. client (n1) -> service VIP -> server (n2), over HBONE");
         let url = format!("http://{}/{}", vip(), self.marker);
         println!(
             "The client pod calls the VIP in plain HTTP. Its in-pod rules send the connection to\n\
@@ -257,7 +447,7 @@ impl Demo<'_> {
     }
 
     fn ztunnel_view(&self) -> anyhow::Result<()> {
-        heading("3. What ztunnel on n1 knows (/config_dump, as istioctl ztunnel-config shows it)");
+        heading("4. What ztunnel on n1 knows (/config_dump, as istioctl ztunnel-config shows it)");
         let dump = self.mesh.config_dump("n1")?;
         println!("$ istioctl ztunnel-config workload   # equivalent\n");
         let mut rows = vec![row(&[
@@ -340,8 +530,8 @@ impl Demo<'_> {
     }
 
     fn metrics(&self) -> anyhow::Result<()> {
-        heading("4. Istio metrics for that connection (:15020/metrics)");
-        let service = format!("destination_service=\"{}\"", e2e::mesh::hostname(SERVICE));
+        heading("5. Istio metrics for that connection (:15020/metrics)");
+        let service = format!("destination_service=\"{}\"", self.mesh.hostname(SERVICE));
         let src = self.wait_metric("n1", &["reporter=\"source\"", &service])?;
         let dst = self.wait_metric(
             "n2",
@@ -365,12 +555,87 @@ impl Demo<'_> {
         Ok(())
     }
 
+    /// Adds a port to the service through the API server and watches the
+    /// ztunnels pick it up, then uses it.
+    fn live_change(&self) -> anyhow::Result<()> {
+        let ns = self.mesh.namespace.as_str();
+        heading("6. A live change: a new Service port through the API");
+        println!(
+            "Nothing is restarted: the API server tells istiod-lite, which pushes a delta with the\n\
+             changed Service (and the Workloads behind it) to both ztunnels.\n"
+        );
+        let host = self.mesh.hostname(SERVICE);
+        let nodes: Vec<String> = self
+            .mesh
+            .topo
+            .nodes()
+            .iter()
+            .map(|n| n.name().to_string())
+            .collect();
+        let mut before = Vec::new();
+        for n in &nodes {
+            before.push(self.service_ports(n, &host)?);
+        }
+        let patch = serde_json::json!([{
+            "op": "add",
+            "path": "/spec/ports/-",
+            "value": {"name": format!("tcp-{EXTRA_PORT}"), "port": EXTRA_PORT, "targetPort": APP_PORT},
+        }])
+        .to_string();
+        let started = Instant::now();
+        self.kubectl(&[
+            "patch", "svc", SERVICE, "-n", ns, "--type", "json", "-p", &patch,
+        ])?;
+        let want = format!("{EXTRA_PORT}->{APP_PORT}");
+        // Both ztunnels are watched together, so each one's time is its own.
+        let mut seen: Vec<Option<(String, Duration)>> = vec![None; nodes.len()];
+        let deadline = Instant::now() + SETTLE;
+        while seen.iter().any(Option::is_none) {
+            for (n, slot) in nodes.iter().zip(seen.iter_mut()) {
+                if slot.is_some() {
+                    continue;
+                }
+                let ports = self.service_ports(n, &host)?;
+                if ports.split(", ").any(|p| p == want) {
+                    *slot = Some((ports, started.elapsed()));
+                } else if Instant::now() > deadline {
+                    bail!(
+                        "ztunnel on {n} still has {host} ports {ports} {SETTLE:?} after the patch"
+                    );
+                }
+            }
+            self.interrupt.check()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        println!("ztunnel /config_dump, services[{host}].ports:");
+        for ((n, old), new) in nodes.iter().zip(&before).zip(seen.into_iter().flatten()) {
+            println!("  {n} before: {old}");
+            println!(
+                "  {n} after:  {}   (seen {:.2}s after kubectl patch was started)",
+                new.0,
+                new.1.as_secs_f64()
+            );
+        }
+        println!("\nAnd the client uses the new port right away:\n");
+        let url = format!("http://{}:{EXTRA_PORT}/live", vip());
+        let reply = self.get("client", &url, &[])?;
+        self.show_reply(&reply);
+        if reply.code != 0 {
+            bail!(
+                "the request to the new port failed (exit {}): {}",
+                reply.code,
+                reply.raw
+            );
+        }
+        Ok(())
+    }
+
     /// The client calls the external host; returns the capture of the
     /// external host's link.
     fn passthrough(&self) -> anyhow::Result<Vec<u8>> {
         let t = &self.mesh.topo;
         let ext = t.external();
-        heading("5. client (n1) -> a host outside the mesh: passthrough");
+        heading("7. client (n1) -> a host outside the mesh: passthrough");
         println!(
             "{} is not a workload ztunnel knows, so n1's ztunnel forwards the captured\n\
              connection as it is: plain TCP, from the client's address.\n",
@@ -408,7 +673,7 @@ impl Demo<'_> {
     fn non_mesh_client(&self) -> anyhow::Result<()> {
         let t = &self.mesh.topo;
         let server = t.pod("server");
-        heading("6. outsider (n1, not in the mesh) -> server (n2)");
+        heading("8. outsider (n1, not in the mesh) -> server (n2)");
         println!(
             "A pod outside the mesh has no ztunnel of its own: it sends plain TCP. The server's\n\
              in-pod rules hand it to n2's ztunnel (port 15006), which delivers it to the server.\n"
@@ -436,12 +701,12 @@ impl Demo<'_> {
 
     fn on_the_wire(&self, hbone: &[u8], plain: &[u8]) -> anyhow::Result<()> {
         let t = &self.mesh.topo;
-        heading("7. On the wire");
+        heading("9. On the wire");
         println!(
             "Both requests carried the marker {:?} in the URL and a header.\n",
             self.marker
         );
-        println!("Capture on n2's link to the bridge during the HBONE request (section 2):");
+        println!("Capture on n2's link to the bridge during the HBONE request (section 3):");
         let frames = capture::packets(hbone)?;
         println!("  {} TCP packets; flows:", frames.len());
         for line in flows(&frames) {
@@ -462,7 +727,7 @@ impl Demo<'_> {
             }
         );
         println!(
-            "\nCapture on the external host's link ({}) during the passthrough request (section 5):",
+            "\nCapture on the external host's link ({}) during the passthrough request (section 7):",
             t.external().ip()
         );
         let frames = capture::packets(plain)?;
@@ -497,7 +762,13 @@ impl Demo<'_> {
         let app = app.display();
         let client = t.pod("client").netns_name();
         let n1 = t.node("n1").netns_name();
+        let cp = self.mesh.control_plane();
+        let ns = &self.mesh.namespace;
         println!("Try, as root, in another terminal:\n");
+        println!("  # the cluster, as kubectl sees it");
+        println!("  export KUBECONFIG={}", cp.kube.kubeconfig().display());
+        println!("  kubectl get pods -A");
+        println!("  kubectl get pods,svc -n {ns} -o wide");
         println!("  # a shell inside the client pod (enrolled, on n1)");
         println!("  ip netns exec {client} bash");
         println!("  # the service through the mesh, from the client pod");
@@ -522,7 +793,7 @@ impl Demo<'_> {
             println!("  node {:<8} {}", n.name(), n.netns_name());
         }
         println!("  external       {}", t.external().netns_name());
-        println!("\nztunnel logs (tail -f them):");
+        println!("\nLogs (tail -f them):");
         for n in t.nodes() {
             if let Some(z) = self.mesh.ztunnel(n.name()) {
                 println!(
@@ -533,6 +804,17 @@ impl Demo<'_> {
                 );
             }
         }
+        if let Some(p) = cp.process() {
+            println!(
+                "  istiod-lite: {}  (stderr: {})",
+                p.stdout_path().display(),
+                p.stderr_path().display()
+            );
+        }
+        println!(
+            "  kube-apiserver and friends: {}",
+            cp.kube.dir().join("logs").display()
+        );
         println!("\nPress Ctrl-C to stop; everything above is removed on exit.");
         while !self.interrupt.raised() {
             for n in t.nodes() {
@@ -553,6 +835,59 @@ impl Demo<'_> {
     }
 
     // ------------------------------------------------------------ helpers
+
+    /// Runs kubectl against the demo's API server, showing the command and
+    /// what it printed.
+    fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        println!("$ kubectl {}", shell_words(args));
+        let out = self.mesh.control_plane().kube.kubectl(args)?;
+        print!("{out}");
+        if !out.is_empty() && !out.ends_with('\n') {
+            println!();
+        }
+        println!();
+        Ok(out)
+    }
+
+    /// Runs openssl, showing the command and its output; a missing or
+    /// failing openssl is shown, not fatal (the checks above it are done in
+    /// the demo itself).
+    fn openssl(&self, args: &[&str]) {
+        println!("$ openssl {}", shell_words(args));
+        match std::process::Command::new("openssl").args(args).output() {
+            Ok(out) => {
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                for l in text.lines() {
+                    println!("{l}");
+                }
+            }
+            Err(e) => println!("(openssl not available: {e})"),
+        }
+    }
+
+    /// The ports of a service in a node's ztunnel, `80->8080, ...`.
+    fn service_ports(&self, node: &str, hostname: &str) -> anyhow::Result<String> {
+        let dump = self.mesh.config_dump(node)?;
+        let svc = dump["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["hostname"] == hostname)
+            .with_context(|| format!("ztunnel on {node} does not know {hostname}"))?;
+        let mut ports: Vec<(u64, String)> = svc["ports"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(sp, tp)| (sp.parse().unwrap_or(0), format!("{sp}->{}", text(tp))))
+            .collect();
+        ports.sort();
+        let ports: Vec<String> = ports.into_iter().map(|(_, p)| p).collect();
+        Ok(list(&ports))
+    }
 
     fn get(&self, pod: &str, url: &str, extra: &[&str]) -> anyhow::Result<Reply> {
         let mut args = vec!["http-get", url, "-m", "10"];
@@ -712,6 +1047,47 @@ fn protocol(v: &Value) -> String {
         Some("NONE") | Some("") | None => "TCP".into(),
         Some(p) => p.to_string(),
     }
+}
+
+/// A serial number the dump gives in decimal, in hex the way `openssl x509
+/// -serial` prints it (upper case, whole bytes).
+fn serial_hex(v: &Value) -> String {
+    v.as_str()
+        .and_then(decimal_to_hex)
+        .unwrap_or_else(|| text(v))
+}
+
+/// Base conversion of an arbitrarily long decimal string by repeated
+/// division; `None` when it is not all digits.
+fn decimal_to_hex(dec: &str) -> Option<String> {
+    let mut digits: Vec<u32> = dec.chars().map(|c| c.to_digit(10)).collect::<Option<_>>()?;
+    if digits.is_empty() {
+        return None;
+    }
+    let mut hex = Vec::new();
+    while digits.iter().any(|&d| d != 0) {
+        let mut rem = 0;
+        for d in digits.iter_mut() {
+            let cur = rem * 10 + *d;
+            *d = cur / 16;
+            rem = cur % 16;
+        }
+        hex.push(char::from_digit(rem, 16)?.to_ascii_uppercase());
+    }
+    if hex.is_empty() {
+        hex.push('0');
+    }
+    if hex.len() % 2 == 1 {
+        hex.push('0');
+    }
+    Some(hex.iter().rev().collect())
+}
+
+/// The PEM text of a certificate as the dump holds it (base64 of the PEM).
+fn pem_of(details: &Value) -> Option<String> {
+    let b64 = details["pem"].as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 fn list<S: AsRef<str>>(items: &[S]) -> String {
@@ -918,6 +1294,19 @@ mod tests {
             ["10.244.1.2:40000 <-> 10.244.2.2:15008: 2 packets, 100 payload bytes"]
         );
         assert_eq!(flows(&[]), ["(none)"]);
+    }
+
+    #[test]
+    fn serials_read_like_openssl() {
+        assert_eq!(decimal_to_hex("255").as_deref(), Some("FF"));
+        assert_eq!(decimal_to_hex("4096").as_deref(), Some("1000"));
+        assert_eq!(decimal_to_hex("0").as_deref(), Some("00"));
+        assert_eq!(
+            decimal_to_hex("31000797106398451924587640818413261000").as_deref(),
+            Some("1752894DE306CCA05990F41EFBDAD0C8")
+        );
+        assert_eq!(decimal_to_hex("12a"), None);
+        assert_eq!(serial_hex(&Value::Null), "-");
     }
 
     #[test]
