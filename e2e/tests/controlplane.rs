@@ -386,6 +386,23 @@ async fn kubernetes_objects_become_workload_api_resources_and_deltas() -> Result
     })
     .await;
 
+    // The root every pod may trust is published in the namespace.
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let mut published = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while published.is_none() && Instant::now() < deadline {
+        published = cms.get_opt("istio-ca-root-cert").await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cm = published.context("istio-ca-root-cert never published")?;
+    assert_eq!(
+        cm.data
+            .unwrap_or_default()
+            .get("root-cert.pem")
+            .map(|s| s.trim()),
+        Some(root.trim())
+    );
+
     task.abort();
     drop(istiod);
     for n in [&ns, &istio_ns, &other] {

@@ -4,7 +4,8 @@
 //! Kubernetes objects (from the API server, [`kubesource`], or from a folder
 //! of YAML, [`dirsource`]), turns them into Istio's Workload API
 //! ([`translate`]), pushes what changed to every ztunnel over delta xDS
-//! ([`push`]), and signs the certificates ztunnels use for HBONE ([`ca`]).
+//! ([`push`]), signs the certificates ztunnels use for HBONE ([`ca`]) and
+//! publishes the root they trust ([`rootcm`]).
 //! [`server`] holds its listeners; [`start`] wires it all.
 
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod config;
 pub mod dirsource;
 pub mod kubesource;
 pub mod push;
+pub mod rootcm;
 pub mod server;
 pub mod translate;
 
@@ -157,6 +159,12 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
     let synced = ready.register_task("sources");
     if let Some(c) = &client {
         tokio::spawn(kubesource::run(c.clone(), tx, synced, drain.clone()));
+        tokio::spawn(rootcm::run(
+            c.clone(),
+            root_pem.clone(),
+            cfg.discovery_selector.clone(),
+            drain.clone(),
+        ));
     } else if let Source::Dir(dir) = &cfg.source {
         {
             let mut src = dirsource::DirSource::new(dir.clone());
