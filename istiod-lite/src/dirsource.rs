@@ -400,6 +400,14 @@ impl DirSource {
     }
 }
 
+/// The Namespaces, Pods and Services of one manifest file as upsert events,
+/// in file order (an object defined twice comes twice; a scan keeps the
+/// last); `path` only names the file in errors. The parsing
+/// [`DirSource::scan`] does, for tests and tools.
+pub fn parse_manifests(path: &Path, bytes: &[u8]) -> Result<Vec<Event>, DirError> {
+    parse_file(path, bytes).map(|objects| objects.into_iter().map(Object::upsert).collect())
+}
+
 /// Every Namespace, Pod and Service of one file; any bad document fails the
 /// whole file so that it never applies half-way.
 fn parse_file(path: &Path, bytes: &[u8]) -> Result<Vec<Object>, DirError> {

@@ -3,7 +3,8 @@
 //!
 //! Everything a peer can put in front of the mesh passes one of these: the
 //! HTTP/2 frames and `CONNECT` headers on the HBONE port, the SAN of a peer
-//! certificate, the ZDS messages of the node agent, the local state file.
+//! certificate, the ZDS messages of the node agent, the local state file,
+//! the CSR any caller hands the CA.
 //! Each `pub fn` below is the body of one cargo-fuzz target (fuzz/ includes
 //! this file), so what CI runs here is exactly what the fuzzer runs there:
 //! here over a hand-written seed corpus of valid and nasty inputs plus a few
@@ -18,9 +19,10 @@ use std::future::pending;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use mesh_core::ca::{csr_identities, CaError, CertificateAuthority};
 use mesh_core::hbone::headers::{
     forwarded, forwarded_for, parse_forwarded_for, Baggage, TraceParent, BAGGAGE, TRACEPARENT,
 };
@@ -38,11 +40,14 @@ use mesh_core::zds::{WorkloadEvent, ZdsAgentConn, ZdsClient, ZdsError, ZdsListen
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::{DecodeContext, WireType};
 use prost::Message;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::prelude::FromDer;
 
 /// Upper bound on any wait, so a stuck server fails the run instead of
 /// hanging it; never a performance assertion.
@@ -1291,4 +1296,283 @@ fn smoke_hbone_server() {
 fn identity_try_new_round_trips_exactly() {
     let id = Identity::try_new("Cluster.Local", "ns", "sa").expect("accepted");
     assert_eq!(id.to_string().parse::<Identity>(), Ok(id));
+}
+
+// ---------------------------------------------------------------------------
+// The CA's view of a caller's CSR (target `ca_csr`).
+// ---------------------------------------------------------------------------
+
+/// Generating a CA costs a key and a self-check: one per process.
+static FUZZ_CA: OnceLock<CertificateAuthority> = OnceLock::new();
+
+fn fuzz_ca() -> &'static CertificateAuthority {
+    FUZZ_CA.get_or_init(|| CertificateAuthority::generate("cluster.local").expect("generate CA"))
+}
+
+/// `der` as the PEM text a caller would send.
+fn csr_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE REQUEST-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE REQUEST-----\n");
+    out
+}
+
+/// One DER tag, length and value.
+fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    match u8::try_from(content.len()) {
+        Ok(n) if n < 0x80 => out.push(n),
+        _ => {
+            let len = (content.len() as u64).to_be_bytes();
+            let skip = len.iter().take_while(|b| **b == 0).count();
+            out.push(0x80 | (len.len() - skip) as u8);
+            out.extend(&len[skip..]);
+        }
+    }
+    out.extend(content);
+    out
+}
+
+/// `info` (a CertificationRequestInfo, or anything) signed with
+/// [`fixed_key`] into a CSR's DER.
+fn signed_csr(info: &[u8]) -> Vec<u8> {
+    use rcgen::SigningKey;
+    const ED25519: &[u8] = &[0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70];
+    let sig = fixed_key().sign(info).expect("Ed25519 signs anything");
+    let mut body = info.to_vec();
+    body.extend(ED25519);
+    body.extend(der_tlv(0x03, &[&[0u8][..], &sig].concat()));
+    der_tlv(0x30, &body)
+}
+
+/// A CSR through `csr_identities` and `sign_csr`. Bits 0-1 of the first
+/// byte say what the rest is: 0 the PEM text; 1 DER, wrapped as PEM here so
+/// that mutations reach the ASN.1 instead of breaking the base64; 2 or 3 a
+/// CertificationRequestInfo, signed here so that mutations of its names and
+/// extensions get past the signature check. Whatever the CSR asks for, a
+/// signed leaf names only the identity the CA was given, is no CA, and
+/// carries the CSR's key; and both functions agree on whether the request
+/// itself is valid.
+pub fn ca_csr(data: &[u8]) {
+    let Some((&flags, body)) = data.split_first() else {
+        return;
+    };
+    let pem = match flags & 3 {
+        0 => String::from_utf8_lossy(body).into_owned(),
+        1 => csr_pem(body),
+        _ => csr_pem(&signed_csr(body)),
+    };
+    let asked = csr_identities(&pem);
+    match &asked {
+        Ok(uris) => {
+            for u in uris {
+                let _ = u.parse::<Identity>();
+            }
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+    let ca = fuzz_ca();
+    let id = Identity::new("cluster.local", "fuzz", "caller");
+    let chain = match ca.sign_csr(&pem, &id, Duration::from_secs(3600)) {
+        Ok(chain) => chain,
+        Err(e) => {
+            let _ = e.to_string();
+            return;
+        }
+    };
+    assert!(
+        matches!(
+            &asked,
+            Ok(_)
+                | Err(CaError::Parse {
+                    what: "CSR extension",
+                    ..
+                })
+        ),
+        "signed a CSR that csr_identities refuses: {asked:?}"
+    );
+    assert_eq!(chain.len(), 2, "leaf and root");
+    assert_eq!(chain[1], ca.root_pem());
+    let leaf = CertificateDer::from_pem_slice(chain[0].as_bytes()).expect("leaf is PEM");
+    assert_eq!(identity_from_cert(&leaf).ok().as_ref(), Some(&id));
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).expect("leaf parses");
+    assert!(!cert.is_ca());
+    let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).expect("CSR is PEM");
+    let (_, req) = X509CertificationRequest::from_der(der.as_ref()).expect("CSR parses");
+    let (have, want) = (
+        cert.public_key(),
+        &req.certification_request_info.subject_pki,
+    );
+    assert_eq!(have.algorithm.algorithm, want.algorithm.algorithm);
+    assert_eq!(have.subject_public_key.data, want.subject_public_key.data);
+}
+
+/// Made with openssl; ECDSA signatures are randomised, so a fixed text keeps
+/// the mutants the same on every run.
+const CSR_P256: &str = "-----BEGIN CERTIFICATE REQUEST-----
+MIIBETCBuAIBADAPMQ0wCwYDVQQKDARmdXp6MFkwEwYHKoZIzj0CAQYIKoZIzj0D
+AQcDQgAEWb4zcIiiS200B3OkTEAoE5m87BzkEZ9pNihjbKQfJsFGr1IF7z6grVZe
+52ngxhr0onfnD8UjGIJZJFn2EZ+gYKBHMEUGCSqGSIb3DQEJDjE4MDYwNAYDVR0R
+BC0wK4Ypc3BpZmZlOi8vY2x1c3Rlci5sb2NhbC9ucy9kZWZhdWx0L3NhL3AyNTYw
+CgYIKoZIzj0EAwIDSAAwRQIhANIv0FodxOQvuYRsD6h+bqhoMW/HVFxSi7qbhDJo
+4GxbAiBi8yMt9g4YsXBS8YdIK0XDPWAR85E5etv4DgGuagRXlQ==
+-----END CERTIFICATE REQUEST-----
+";
+
+/// RSA 2048, SANs `spiffe://cluster.local/ns/a/sa/rsa` and `x.example`.
+const CSR_RSA: &str = "-----BEGIN CERTIFICATE REQUEST-----
+MIICkDCCAXgCAQAwADCCASIwDQYJKoZIhvcNAQEBBQADggEPADCCAQoCggEBAK93
+ZHSrHMst2DPd1exLQLyKMuZnOCYEVndL5yV+m1vArGG9san4h5U67T9e5szttpyy
+CbByStjP2TWIkVj9tG6VNB5tyeRIjk9JszWtuVjKWtdUF0pdYAb8uCHN3t3zdite
+mEdjVaGvW2w4tMTPLsoQHdQKysfnfZpX0+8d1E/xpq2IpSuJIUkizAB3PKoOx6iH
+8pxbymcWp2T+DJwx74Y6OzttL+0n9M2J/028xT6yVxG5dv3ZvXEfpqpfHPSVxVU7
+bbl53Jp0hI0hJG41U3SXpylgnyXFjTf24i2RU4nzOuEMUA3rx+hHcQU4qsMvrOIE
+XvZBA+PqvwJR9M9UkSkCAwEAAaBLMEkGCSqGSIb3DQEJDjE8MDowOAYDVR0RBDEw
+L4Yic3BpZmZlOi8vY2x1c3Rlci5sb2NhbC9ucy9hL3NhL3JzYYIJeC5leGFtcGxl
+MA0GCSqGSIb3DQEBCwUAA4IBAQBQVPLP9LIJ5XWTdJ/VcGfZkeSW88/1DKBWIbDY
+PIkjo0lAmx08yl8cktw22m/V0N0m2i6WJkrPlYAuInz1M2RkUp9D4/iXitgptHVV
+n2/4o05qWLkyMGHLGCgFq18cwXEwBeHtsFgz17iX/s3YbN3kopW3XVeixSOJZy3Z
+i8b0kO4j30B8yfIsZEzgDaUzJs5IssF12bPhCb08LN4gIKxcN8g7JOo1FgkSHD5f
+8YqSvt9VDV6kMx3O/IBMRuw2jyp0I01kqQvWjDYjw0hl+PMRpVSVyi2ddKaYpdDb
+zQWeAPSR1/5ty8Z/Ki9mLwR1VOgBAl3SA35L5K8YaOASfPhU
+-----END CERTIFICATE REQUEST-----
+";
+
+/// A CSR signed with [`fixed_key`] (Ed25519: the same bytes every run).
+fn ed25519_csr(sans: Vec<rcgen::SanType>) -> Vec<u8> {
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = sans;
+    params
+        .serialize_request(&fixed_key())
+        .expect("test CSR")
+        .der()
+        .to_vec()
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+        .expect("seed CSR")
+        .to_vec()
+}
+
+/// The CertificationRequestInfo of a CSR.
+fn csr_info(der: &[u8]) -> Vec<u8> {
+    let (_, req) = X509CertificationRequest::from_der(der).expect("seed CSR parses");
+    req.certification_request_info.raw.to_vec()
+}
+
+/// Flag byte, then PEM text (0), DER (1) or the part to sign (2).
+pub fn seeds_ca_csr() -> Vec<Vec<u8>> {
+    let der = |d: &[u8]| [&[1u8][..], d].concat();
+    let pem = |p: &str| [&[0u8][..], p.as_bytes()].concat();
+    let info = |d: &[u8]| [&[2u8][..], &csr_info(d)].concat();
+    let good = ed25519_csr(vec![uri("spiffe://cluster.local/ns/default/sa/x")]);
+    let many = ed25519_csr(vec![
+        uri("spiffe://a/ns/b/sa/c"),
+        uri("https://example.com/"),
+        rcgen::SanType::DnsName("x.example".try_into().expect("DNS name")),
+        rcgen::SanType::IpAddress([10, 0, 0, 1].into()),
+    ]);
+    let mut bad_signature = good.clone();
+    if let Some(last) = bad_signature.last_mut() {
+        *last ^= 1;
+    }
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let p256 = pem_der(CSR_P256);
+    vec![
+        der(&good),
+        pem(&csr_pem(&good)),
+        pem(CSR_P256),
+        der(&p256),
+        pem(CSR_RSA),
+        der(&pem_der(CSR_RSA)),
+        der(&ed25519_csr(vec![])),
+        der(&many),
+        der(&bad_signature),
+        der(&trailing),
+        pem(&format!("{}{}", csr_pem(&good), CSR_P256)),
+        pem(&CSR_P256.replace('\n', "\r\n")),
+        pem(&CSR_P256.replace("CERTIFICATE REQUEST", "CERTIFICATE")),
+        pem(&CSR_P256.replace("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST")),
+        pem("-----BEGIN CERTIFICATE REQUEST-----\n!!!!\n-----END CERTIFICATE REQUEST-----\n"),
+        pem("-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n"),
+        der(&[0x30, 0x80]),
+        der(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]),
+        der(&[]),
+        vec![],
+        info(&good),
+        info(&many),
+        info(&p256),
+        [&[2u8][..], &[0x30, 0x00]].concat(),
+    ]
+}
+
+pub fn dict_ca_csr() -> Vec<&'static [u8]> {
+    vec![
+        &[0x30, 0x82],
+        &[0x30, 0x80, 0x00, 0x00],
+        &[0xa0, 0x00], // empty attributes
+        &[
+            0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x0e,
+        ], // extensionRequest
+        &[0x06, 0x03, 0x55, 0x1d, 0x11], // subjectAltName
+        &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01], // id-ecPublicKey
+        &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07], // P-256
+        &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22], // P-384
+        &[0x06, 0x03, 0x2b, 0x65, 0x70], // Ed25519
+        &[
+            0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+        ], // rsaEncryption
+        &[
+            0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b,
+        ], // sha256WithRSA
+        &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02], // ecdsa-with-SHA256
+        &[0x86, 0x00],
+        &[0x82, 0x01, b'x'],
+        &[0x87, 0x04, 10, 0, 0, 1],
+        &[0x04, 0x00],
+        &[0x01, 0x01, 0xff], // critical
+        b"spiffe://",
+        b"-----BEGIN CERTIFICATE REQUEST-----\n",
+        b"-----END CERTIFICATE REQUEST-----\n",
+        b"\n",
+        b"=",
+    ]
+}
+
+#[test]
+fn smoke_ca_csr() {
+    let seeds = seeds_ca_csr();
+    // The seeds mean what they were built to mean.
+    let id = Identity::new("cluster.local", "fuzz", "caller");
+    let ca = fuzz_ca();
+    let text = |s: &[u8]| String::from_utf8(s[1..].to_vec()).expect("PEM seed");
+    for (i, want) in [
+        (1, "spiffe://cluster.local/ns/default/sa/x"),
+        (2, "spiffe://cluster.local/ns/default/sa/p256"),
+        (4, "spiffe://cluster.local/ns/a/sa/rsa"),
+    ] {
+        let pem = text(&seeds[i]);
+        assert_eq!(csr_identities(&pem).expect("seed CSR"), [want], "seed {i}");
+        ca.sign_csr(&pem, &id, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("seed {i} not signed: {e}"));
+    }
+    let bad = csr_pem(&seeds[8][1..]);
+    assert!(matches!(csr_identities(&bad), Err(CaError::CsrSignature)));
+    assert!(matches!(
+        ca.sign_csr(&bad, &id, Duration::from_secs(60)),
+        Err(CaError::CsrSignature)
+    ));
+    // Signing the info part again gives back the same CSR.
+    assert_eq!(signed_csr(&seeds[20][1..]), seeds[0][1..]);
+    dump_seeds("ca_csr", &seeds);
+    run_corpus("ca_csr", &seeds, &dict_ca_csr(), 20_000, ca_csr);
 }

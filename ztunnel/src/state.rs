@@ -159,20 +159,47 @@ pub enum Resolution {
 #[derive(Debug, Default)]
 struct Inner {
     workloads: HashMap<String, Arc<Workload>>,
-    by_ip: HashMap<(String, IpAddr), String>,
+    /// Address -> uids holding it, the most recent last (the owner). Two
+    /// workloads can briefly claim one address (a pod replaced faster than
+    /// the old one is removed); removing one must hand the address back to
+    /// the other, never drop it (it would then be passed through in clear).
+    by_ip: HashMap<(String, IpAddr), Vec<String>>,
     services: HashMap<String, Arc<Service>>,
-    by_vip: HashMap<(String, IpAddr), String>,
+    /// VIP -> service keys holding it, the most recent last (as `by_ip`).
+    by_vip: HashMap<(String, IpAddr), Vec<String>>,
     /// Service key -> uids of the workloads that list it, so picking an
     /// endpoint does not scan every workload of the mesh.
     endpoints: HashMap<String, BTreeSet<String>>,
     policies: BTreeMap<String, Authorization>,
 }
 
+type AddrIndex = HashMap<(String, IpAddr), Vec<String>>;
+
+fn claim(index: &mut AddrIndex, k: (String, IpAddr), owner: &str) {
+    let owners = index.entry(k).or_default();
+    owners.retain(|o| o != owner);
+    owners.push(owner.to_string());
+}
+
+fn release(index: &mut AddrIndex, k: (String, IpAddr), owner: &str) {
+    if let Some(owners) = index.get_mut(&k) {
+        owners.retain(|o| o != owner);
+        if owners.is_empty() {
+            index.remove(&k);
+        }
+    }
+}
+
+/// The current owner of an address: the latest claim.
+fn owner(index: &AddrIndex, k: &(String, IpAddr)) -> Option<String> {
+    index.get(k).and_then(|o| o.last()).cloned()
+}
+
 impl Inner {
     fn insert_workload(&mut self, w: Workload) {
         self.remove_workload(&w.uid);
         for ip in &w.ips {
-            self.by_ip.insert((w.network.clone(), *ip), w.uid.clone());
+            claim(&mut self.by_ip, (w.network.clone(), *ip), &w.uid);
         }
         for key in w.services.keys() {
             self.endpoints
@@ -190,9 +217,7 @@ impl Inner {
         for ip in &old.ips {
             let k = (old.network.clone(), *ip);
             // Another workload may have taken the address meanwhile.
-            if self.by_ip.get(&k).map(String::as_str) == Some(uid) {
-                self.by_ip.remove(&k);
-            }
+            release(&mut self.by_ip, k, uid);
         }
         for key in old.services.keys() {
             if let Some(set) = self.endpoints.get_mut(key) {
@@ -209,7 +234,7 @@ impl Inner {
         let key = s.key();
         self.remove_service(&key);
         for (net, ip) in &s.vips {
-            self.by_vip.insert((net.clone(), *ip), key.clone());
+            claim(&mut self.by_vip, (net.clone(), *ip), &key);
         }
         self.services.insert(key, Arc::new(s));
     }
@@ -220,9 +245,7 @@ impl Inner {
         };
         for (net, ip) in &old.vips {
             let k = (net.clone(), *ip);
-            if self.by_vip.get(&k).map(String::as_str) == Some(key) {
-                self.by_vip.remove(&k);
-            }
+            release(&mut self.by_vip, k, key);
         }
         true
     }
@@ -650,10 +673,8 @@ impl ProxyState {
 
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
         let inner = self.read();
-        inner
-            .by_ip
-            .get(&(network.to_string(), ip))
-            .and_then(|uid| inner.workloads.get(uid).cloned())
+        owner(&inner.by_ip, &(network.to_string(), ip))
+            .and_then(|uid| inner.workloads.get(&uid).cloned())
     }
 
     /// Workloads that back a service key, in a stable order.
@@ -671,7 +692,8 @@ impl ProxyState {
     /// Resolve an original destination as seen from `network`.
     pub fn resolve(&self, network: &str, dst: SocketAddr) -> Resolution {
         let inner = self.read();
-        if let Some(key) = inner.by_vip.get(&(network.to_string(), dst.ip())) {
+        if let Some(key) = owner(&inner.by_vip, &(network.to_string(), dst.ip())) {
+            let key = &key;
             let Some(svc) = inner.services.get(key).cloned() else {
                 return Resolution::Passthrough;
             };
@@ -712,8 +734,8 @@ impl ProxyState {
                 service: Some(svc),
             });
         }
-        if let Some(uid) = inner.by_ip.get(&(network.to_string(), dst.ip())) {
-            if let Some(wl) = inner.workloads.get(uid) {
+        if let Some(uid) = owner(&inner.by_ip, &(network.to_string(), dst.ip())) {
+            if let Some(wl) = inner.workloads.get(&uid) {
                 return Resolution::Upstream(Upstream {
                     workload: wl.clone(),
                     addr: dst,

@@ -95,10 +95,10 @@ impl PodInfo {
         let mut named_ports = HashMap::new();
         for c in spec.map(|s| s.containers.as_slice()).unwrap_or_default() {
             for p in c.ports.as_deref().unwrap_or_default() {
-                if let (Some(name), Ok(num)) = (&p.name, u32::try_from(p.container_port)) {
-                    if num > 0 {
-                        named_ports.entry(name.clone()).or_insert(num);
-                    }
+                if let (Some(name), Some(num)) =
+                    (&p.name, super::service::tcp_port(p.container_port))
+                {
+                    named_ports.entry(name.clone()).or_insert(num);
                 }
             }
         }

@@ -65,12 +65,20 @@ impl SvcInfo {
             .unwrap_or_default()
             .iter()
             .filter_map(|p| {
-                let port = u32::try_from(p.port).ok().filter(|p| *p > 0)?;
+                // The API server validates ports; a config folder does not,
+                // and a proxy rejects what is not a TCP port.
+                let Some(port) = tcp_port(p.port) else {
+                    tracing::warn!(service = ?svc.metadata.name, port = p.port, "spec.ports[].port is not a TCP port; left out");
+                    return None;
+                };
                 let target = match &p.target_port {
                     None => TargetPort::Same,
-                    Some(IntOrString::Int(n)) => match u32::try_from(*n) {
-                        Ok(n) if n > 0 => TargetPort::Number(n),
-                        _ => TargetPort::Same,
+                    Some(IntOrString::Int(n)) => match tcp_port(*n) {
+                        Some(n) => TargetPort::Number(n),
+                        None => {
+                            tracing::warn!(service = ?svc.metadata.name, target_port = n, "spec.ports[].targetPort is not a TCP port; left out");
+                            return None;
+                        }
                     },
                     // Hand-written YAML sometimes quotes a number.
                     Some(IntOrString::String(s)) => match s.parse::<u16>() {
@@ -173,6 +181,11 @@ impl SvcInfo {
             ..Default::default()
         })
     }
+}
+
+/// `n` when it is a TCP port number (1..=65535).
+pub(super) fn tcp_port(n: i32) -> Option<u32> {
+    u16::try_from(n).ok().filter(|p| *p > 0).map(u32::from)
 }
 
 /// Application protocol of a service port: `appProtocol` when set, else the
