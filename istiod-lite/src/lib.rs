@@ -156,7 +156,11 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
     }));
     let store = ResourceStore::new();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let synced = ready.register_task("sources");
+    // The process is ready once gRPC serves, which waits for the sources
+    // to have listed everything (their own readiness, below).
+    let serving = ready.register_task("listing the cluster");
+    let sources = Ready::new();
+    let synced = sources.register_task("sources");
     if let Some(c) = &client {
         tokio::spawn(kubesource::run(c.clone(), tx, synced, drain.clone()));
         tokio::spawn(rootcm::run(
@@ -228,16 +232,15 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
             source,
         })?;
     let grpc_addr = grpc.local_addr().unwrap_or(cfg.grpc_addr);
-    let serving = ready.register_task("grpc");
     {
-        let ready = ready.clone();
         let xds = xds.clone();
         let store = store.clone();
         let drain = drain.clone();
         tokio::spawn(async move {
             // Bound but not accepting until the first full translation is
             // in the store: connections queue in the backlog meanwhile.
-            wait_sources(&ready, &store).await;
+            sources.wait_ready().await;
+            settle(&store).await;
             drop(serving);
             tracing::info!(addr = %grpc_addr, "serving xDS and CA");
             let incoming = mesh_core::grpc::tls_incoming(grpc, tls);
@@ -259,17 +262,10 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
     })
 }
 
-/// Waits until only the gRPC task blocks readiness (the sources have
-/// listed everything), then gives the push loop a moment to publish it.
-async fn wait_sources(ready: &Ready, store: &ResourceStore) {
-    loop {
-        if ready.pending().iter().all(|p| p == "grpc") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The push loop drains its queue in one go; wait for the store to
-    // stop changing for a short while so the first response is complete.
+/// Once the sources have listed everything, gives the push loop a moment
+/// to publish it: it drains its queue in one go, so waiting for the store to
+/// stop changing for a short while makes the first response complete.
+async fn settle(store: &ResourceStore) {
     let mut changes = store.watch();
     loop {
         tokio::select! {
