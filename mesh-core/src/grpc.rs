@@ -230,12 +230,20 @@ pub fn tls_incoming(
     TlsIncoming { rx, acceptor }
 }
 
+/// Handshakes in progress at once; beyond this, accepting waits, so a
+/// flood of clients that never finish TLS cannot grow memory without bound.
+const MAX_HANDSHAKES: usize = 1024;
+
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     tx: mpsc::Sender<io::Result<TlsConn>>,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        let Ok(permit) = handshakes.clone().acquire_owned().await else {
+            return;
+        };
         let (tcp, remote) = tokio::select! {
             _ = tx.closed() => return,
             accepted = listener.accept() => match accepted {
@@ -254,7 +262,9 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let local = tcp.local_addr().ok();
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(permit);
+            match handshake {
                 Ok(Ok(stream)) => {
                     let conn = TlsConn {
                         stream,
