@@ -2,24 +2,24 @@
 //! rules in every enrolled pod, and the node agent's side of ZDS handing each
 //! enrolled pod's network namespace to its node's ztunnel.
 //!
-//! The agent side is played here until the CNI node agent exists; it speaks
-//! the same protocol (`mesh_core::zds`) a real agent does, and re-sends the
-//! full snapshot whenever a ztunnel (re)connects.
+//! Both node agent parts are the real agent's own (`node_agent::rules`,
+//! `node_agent::ztunnel`); only the CNI ADD that would drive them is played
+//! here, by enrolling the spec's pods before the ztunnels start.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mesh_core::ca::CertificateAuthority;
 use mesh_core::proto::zds::WorkloadInfo;
-use mesh_core::zds::{ZdsAgentConn, ZdsListener};
+use node_agent::rules;
+use node_agent::ztunnel::ZtunnelServer;
 
 use crate::topology::{Process, Topology, TopologyError};
-use crate::{rules, HasNetns};
+use crate::HasNetns;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const NAMESPACE: &str = "default";
@@ -130,16 +130,9 @@ struct NodeRun {
     token_path: PathBuf,
     state_path: PathBuf,
     socket: PathBuf,
-    agent: Arc<AgentState>,
-}
-
-/// The node agent's view of one node: the enrolled pods (name, service
-/// account, netns path) and the current ztunnel connection.
-#[derive(Default)]
-struct AgentState {
-    namespace: String,
-    pods: Mutex<Vec<(String, String, String)>>,
-    conn: tokio::sync::Mutex<Option<ZdsAgentConn>>,
+    /// The node agent's ZDS server: the node's enrolled pods and the
+    /// current ztunnel connection.
+    agent: ZtunnelServer,
 }
 
 /// A running mesh. Dropping it stops everything (the topology cleans up).
@@ -154,7 +147,6 @@ pub struct Mesh {
     pub ca_dir: PathBuf,
     rt: tokio::runtime::Runtime,
     nodes: Mutex<BTreeMap<String, NodeRun>>,
-    agents: Vec<tokio::task::JoinHandle<()>>,
     spec_pods_removed: Mutex<Vec<String>>,
 }
 
@@ -201,7 +193,6 @@ impl Mesh {
             ca_dir,
             rt,
             nodes: Mutex::new(BTreeMap::new()),
-            agents: Vec::new(),
             spec_pods_removed: Mutex::new(Vec::new()),
         };
         if mesh.spec.control_plane {
@@ -215,30 +206,23 @@ impl Mesh {
             let state_path = dir.join("state.yaml");
             std::fs::write(&state_path, &state).map_err(setup)?;
             let socket = dir.join("ztunnel.sock");
-            let pods: Vec<(String, String, String)> = mesh
-                .spec
-                .mesh_pods
-                .iter()
-                .filter(|(node, _, _)| *node == n)
-                .map(|(_, p, sa)| {
-                    (
-                        p.clone(),
-                        sa.clone(),
-                        mesh.topo.pod(p).netns_path().display().to_string(),
-                    )
-                })
-                .collect();
-            let listener = {
+            let agent = {
                 let _g = mesh.rt.enter();
-                ZdsListener::bind(&socket).map_err(setup)?
+                ZtunnelServer::bind(&socket).map_err(setup)?
             };
-            let agent_state = Arc::new(AgentState {
-                namespace: mesh.namespace.clone(),
-                pods: Mutex::new(pods),
-                conn: Default::default(),
-            });
-            mesh.agents
-                .push(mesh.rt.spawn(agent(listener, agent_state.clone())));
+            for (_, p, sa) in mesh.spec.mesh_pods.iter().filter(|(node, _, _)| *node == n) {
+                let info = WorkloadInfo {
+                    name: p.clone(),
+                    namespace: mesh.namespace.clone(),
+                    service_account: sa.clone(),
+                };
+                // The ztunnel starts below and gets these in its snapshot.
+                agent.record_pod(
+                    &uid_in(&mesh.namespace, p),
+                    info,
+                    &mesh.topo.pod(p).netns_path(),
+                );
+            }
             let token_path = dir.join("istio-token");
             if let Some(cp) = &mesh.cp {
                 let token = mesh.rt.block_on(cp.ztunnel_token(&n)).map_err(setup)?;
@@ -251,7 +235,7 @@ impl Mesh {
                     token_path,
                     state_path,
                     socket,
-                    agent: agent_state,
+                    agent,
                 },
             );
             mesh.start_ztunnel(&n)?;
@@ -504,9 +488,6 @@ impl Mesh {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
-        for a in &self.agents {
-            a.abort();
-        }
         if let Some(cp) = self.cp.take() {
             // Leave the shared API server as found: the namespaces go, and
             // with them pods (deleted at once: no kubelet would confirm).
@@ -527,70 +508,22 @@ impl Drop for Mesh {
     }
 }
 
-/// The node agent's side: on every ztunnel connection, send every enrolled
-/// pod of the node, then SnapshotSent; the connection then serves later
-/// requests ([`Mesh::remove_pod`]).
-async fn agent(listener: ZdsListener, st: Arc<AgentState>) {
-    loop {
-        let conn = match ZdsAgentConn::accept(&listener).await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("agent: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let mut current = st.conn.lock().await;
-        let pods = st.pods.lock().unwrap().clone();
-        if let Err(e) = send_snapshot(&conn, &st.namespace, &pods).await {
-            eprintln!("agent: snapshot: {e}");
-            continue;
-        }
-        *current = Some(conn);
-    }
-}
-
-async fn send_snapshot(
-    conn: &ZdsAgentConn,
-    namespace: &str,
-    pods: &[(String, String, String)],
-) -> Result<(), String> {
-    for (name, sa, path) in pods {
-        let file =
-            std::fs::File::open(Path::new(path)).map_err(|e| format!("opening {path}: {e}"))?;
-        let info = WorkloadInfo {
-            name: name.clone(),
-            namespace: namespace.into(),
-            service_account: sa.clone(),
-        };
-        conn.add(&uid_in(namespace, name), info, file.as_fd())
-            .await
-            .map_err(|e| format!("add {name}: {e}"))?;
-    }
-    conn.snapshot_sent().await.map_err(|e| e.to_string())
-}
-
 impl Mesh {
     /// Tell a node's ztunnel (as the node agent would) that a pod is gone.
     pub fn remove_pod(&self, pod: &str) -> Result<(), MeshError> {
         let node = self.topo.pod(pod).node_name().to_string();
-        let agent = self
-            .nodes
-            .lock()
-            .unwrap()
+        let nodes = self.nodes.lock().unwrap();
+        let agent = &nodes
             .get(&node)
-            .map(|n| n.agent.clone())
-            .ok_or_else(|| setup(format!("no node {node}")))?;
-        agent.pods.lock().unwrap().retain(|(p, _, _)| p != pod);
-        self.rt.block_on(async {
-            let conn = agent.conn.lock().await;
-            let conn = conn
-                .as_ref()
-                .ok_or_else(|| setup("ztunnel not connected"))?;
-            conn.del(&uid_in(&agent.namespace, pod))
-                .await
-                .map_err(setup)
-        })?;
+            .ok_or_else(|| setup(format!("no node {node}")))?
+            .agent;
+        if !agent.connected() {
+            return Err(setup("ztunnel not connected"));
+        }
+        self.rt
+            .block_on(agent.remove_pod(&self.uid(pod)))
+            .map_err(setup)?;
+        drop(nodes);
         self.spec_pods_removed.lock().unwrap().push(pod.to_string());
         Ok(())
     }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use e2e::capture;
 use e2e::netns::{HasNetns, Netns};
-use e2e::rules::{self, RuleOptions};
 use e2e::topology::{self, Topology};
+use node_agent::rules::{self, RuleOptions};
 use socket2::{Domain, SockRef, Socket, Type};
 
 const MESH_APP: &str = env!("CARGO_BIN_EXE_mesh-app");

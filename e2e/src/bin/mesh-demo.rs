@@ -34,7 +34,7 @@ const VIP: [u8; 4] = [10, 96, 0, 10];
 const SERVICE: &str = "web";
 const APP_PORT: u16 = 8080;
 const SERVICE_PORT: u16 = 80;
-const HBONE_PORT: u16 = e2e::rules::HBONE_PORT;
+const HBONE_PORT: u16 = node_agent::rules::HBONE_PORT;
 /// Bound on waiting for a metric or log line that follows a connection.
 const SETTLE: Duration = Duration::from_secs(10);
 /// The port the live-change section adds to the service.
@@ -780,7 +780,7 @@ impl Demo<'_> {
         println!("  # the client pod's capture rules");
         println!(
             "  ip netns exec {client} nft list table inet {}",
-            e2e::rules::TABLE
+            node_agent::rules::TABLE
         );
         println!("  # ztunnel's admin and metrics endpoints, inside node n1");
         println!("  ip netns exec {n1} curl -s localhost:15000/config_dump");

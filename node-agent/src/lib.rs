@@ -1,0 +1,8 @@
+//! The node agent of the ambient mesh, one per node (the CNI DaemonSet in
+//! Kubernetes). It sits between the CNI plugin's ADD/DEL of a pod and the
+//! node's ztunnel: it installs the in-pod capture rules ([`rules`]) that send
+//! the pod's TCP traffic to ztunnel's in-pod listeners, and hands the pod's
+//! network namespace to ztunnel over ZDS ([`ztunnel`]).
+
+pub mod rules;
+pub mod ztunnel;
