@@ -24,6 +24,8 @@
 //! [`run`] is the whole plugin as a function of environment and stdin, so
 //! tests and the fuzzer drive exactly what the binary does.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod args;
 pub mod config;

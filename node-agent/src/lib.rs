@@ -4,5 +4,7 @@
 //! the pod's TCP traffic to ztunnel's in-pod listeners, and hands the pod's
 //! network namespace to ztunnel over ZDS ([`ztunnel`]).
 
+#![forbid(unsafe_code)]
+
 pub mod rules;
 pub mod ztunnel;
