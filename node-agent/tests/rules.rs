@@ -122,3 +122,61 @@ fn a_missing_namespace_is_an_error() {
     let err = rules::check(std::path::Path::new("/var/run/netns/na-absent-namespace")).unwrap_err();
     assert!(matches!(err, rules::RulesError::Open { .. }), "{err}");
 }
+
+#[test]
+fn the_repair_check_restores_flushed_rules_and_counts_it() -> Result<()> {
+    use mesh_core::proto::zds::WorkloadInfo;
+    use node_agent::repair::{check_and_repair, Outcome, RepairMetrics};
+    use node_agent::ztunnel::EnrolledPod;
+
+    if !root_or_skip("the_repair_check_restores_flushed_rules_and_counts_it") {
+        return Ok(());
+    }
+    let ns = TestNetns::create("repair")?;
+    let pod = EnrolledPod {
+        uid: "Kubernetes//Pod/shop/web-0".into(),
+        info: WorkloadInfo {
+            name: "web-0".into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+        },
+        netns: ns.path(),
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = RepairMetrics::register(&mut registry);
+    let opts = RuleOptions::default();
+    rules::install(&pod.netns)?;
+    assert_eq!(check_and_repair(&pod, &opts, &metrics), Outcome::Healthy);
+
+    ns.nft(&["flush", "chain", "inet", rules::TABLE, "output"])?;
+    let outcome = check_and_repair(&pod, &opts, &metrics);
+    let Outcome::Repaired(missing) = outcome else {
+        panic!("expected a repair, got {outcome:?}");
+    };
+    assert!(
+        missing.iter().any(|m| m.contains("chain output")),
+        "{missing:?}"
+    );
+    assert_eq!(rules::check(&pod.netns)?, RuleStatus::Complete);
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    assert!(
+        text.contains("istio_cni_repair_pods_repaired_total{type=\"rules\"} 1"),
+        "{text}"
+    );
+
+    // A pod whose namespace is gone cannot be repaired: counted, not hidden.
+    drop(ns);
+    assert!(matches!(
+        check_and_repair(&pod, &opts, &metrics),
+        Outcome::Failed(_)
+    ));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    assert!(
+        text.contains("istio_cni_repair_pods_failed_total{type=\"rules\"} 1"),
+        "{text}"
+    );
+    Ok(())
+}
