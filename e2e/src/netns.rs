@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
@@ -271,7 +271,7 @@ fn short(name: &str) -> &str {
 /// Runs a command to completion, returning stdout or an error with stderr.
 pub(crate) fn run_checked(cmd: &mut Command, stdin: Option<&[u8]>) -> Result<String, NetnsError> {
     let printable = format!("{cmd:?}");
-    let output = run_with_stdin(cmd, stdin)
+    let output = node_agent::run_with_stdin(cmd, stdin)
         .map_err(|e| NetnsError::io(format!("running {printable}"), e))?;
     if !output.status.success() {
         return Err(NetnsError::Command {
@@ -281,21 +281,6 @@ pub(crate) fn run_checked(cmd: &mut Command, stdin: Option<&[u8]>) -> Result<Str
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-fn run_with_stdin(cmd: &mut Command, stdin: Option<&[u8]>) -> std::io::Result<Output> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    match stdin {
-        None => cmd.stdin(Stdio::null()).output(),
-        Some(input) => {
-            cmd.stdin(Stdio::piped());
-            let mut child = cmd.spawn()?;
-            if let Some(mut pipe) = child.stdin.take() {
-                pipe.write_all(input)?;
-            }
-            child.wait_with_output()
-        }
-    }
 }
 
 #[cfg(test)]

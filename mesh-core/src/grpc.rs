@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -45,20 +44,20 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub enum GrpcError {
     #[error("invalid gRPC endpoint {endpoint:?}: {reason}")]
     InvalidEndpoint { endpoint: String, reason: String },
-    #[error("invalid PEM in {what}")]
-    Pem {
-        what: &'static str,
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
-    #[error("no certificate found in {0}")]
-    NoCertificate(&'static str),
-    #[error("no private key found in the key PEM")]
-    NoPrivateKey,
+    /// PEM input that holds no usable certificate or key.
+    #[error(transparent)]
+    Pem(Box<crate::tls::TlsError>),
     #[error("root certificate rejected")]
     InvalidRoot(#[source] rustls::Error),
     #[error("building the TLS configuration failed")]
     Tls(#[from] rustls::Error),
+}
+
+impl From<crate::tls::TlsError> for GrpcError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        // Boxed: TlsError is large and would bloat every gRPC result.
+        GrpcError::Pem(Box::new(e))
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -66,13 +65,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn certs(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, GrpcError> {
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| GrpcError::Pem { what, source })?;
-    if certs.is_empty() {
-        return Err(GrpcError::NoCertificate(what));
-    }
-    Ok(certs)
+    Ok(crate::tls::certs_from_pem(what, pem)?)
 }
 
 /// A server configuration presenting `chain_pem` (leaf first) with
@@ -80,13 +73,7 @@ fn certs(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, 
 /// authenticate with bearer tokens instead).
 pub fn server_tls(chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, GrpcError> {
     let chain = certs("server certificate chain", chain_pem)?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => GrpcError::NoPrivateKey,
-        source => GrpcError::Pem {
-            what: "server private key",
-            source,
-        },
-    })?;
+    let key = crate::tls::key_from_pem("server private key", key_pem)?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -386,16 +373,16 @@ mod tests {
     fn rejects_bad_pem() {
         assert!(matches!(
             server_tls("", ""),
-            Err(GrpcError::NoCertificate(_))
+            Err(GrpcError::Pem(e)) if matches!(*e, crate::tls::TlsError::NoCertificate(_))
         ));
         assert!(matches!(
             client_tls("junk"),
-            Err(GrpcError::NoCertificate(_))
+            Err(GrpcError::Pem(e)) if matches!(*e, crate::tls::TlsError::NoCertificate(_))
         ));
         let ca = CertificateAuthority::generate("cluster.local").unwrap();
         assert!(matches!(
             server_tls(&ca.root_pem(), ""),
-            Err(GrpcError::NoPrivateKey)
+            Err(GrpcError::Pem(e)) if matches!(*e, crate::tls::TlsError::NoPrivateKey)
         ));
     }
 

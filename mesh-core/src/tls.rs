@@ -233,7 +233,11 @@ fn parse_x509<'a>(
     }
 }
 
-fn certs_from_pem(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// Every certificate in `pem`; none at all is an error naming `what`.
+pub(crate) fn certs_from_pem(
+    what: &'static str,
+    pem: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Pem { what, source })?;
@@ -243,6 +247,17 @@ fn certs_from_pem(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
+/// The first private key in `pem`.
+pub(crate) fn key_from_pem(
+    what: &'static str,
+    pem: &str,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoPrivateKey,
+        source => TlsError::Pem { what, source },
+    })
+}
+
 impl WorkloadCertificate {
     /// Loads a certificate from PEM: `chain_pem` holds the leaf first and then
     /// its issuers (a trailing root is fine, it is not sent on the wire),
@@ -250,16 +265,7 @@ impl WorkloadCertificate {
     pub fn from_pem(chain_pem: &str, key_pem: &str, roots_pem: &str) -> Result<Self, TlsError> {
         let chain = certs_from_pem("certificate chain", chain_pem)?;
         let roots = certs_from_pem("trust roots", roots_pem)?;
-        let key = match PrivateKeyDer::from_pem_slice(key_pem.as_bytes()) {
-            Ok(key) => key,
-            Err(rustls::pki_types::pem::Error::NoItemsFound) => return Err(TlsError::NoPrivateKey),
-            Err(source) => {
-                return Err(TlsError::Pem {
-                    what: "private key",
-                    source,
-                })
-            }
-        };
+        let key = key_from_pem("private key", key_pem)?;
         Self::from_der(chain, key, roots)
     }
 

@@ -11,9 +11,8 @@
 //! runtime passed as `CNI_NETNS`); `nft` and `ip` run as children of a thread
 //! that entered it, so no `ip netns` name or `nsenter` is needed.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 use nix::sched::CloneFlags;
 
@@ -148,7 +147,7 @@ impl InNetns {
             .ok_or_else(|| spawn(std::io::ErrorKind::InvalidInput.into()))?;
         let mut cmd = Command::new(program);
         cmd.args(rest);
-        let output = run_with_stdin(&mut cmd, stdin).map_err(spawn)?;
+        let output = crate::run_with_stdin(&mut cmd, stdin).map_err(spawn)?;
         if !output.status.success() {
             return Err(RulesError::Command {
                 netns: self.netns.clone(),
@@ -159,21 +158,6 @@ impl InNetns {
             });
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    }
-}
-
-fn run_with_stdin(cmd: &mut Command, stdin: Option<&[u8]>) -> std::io::Result<Output> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    match stdin {
-        None => cmd.stdin(Stdio::null()).output(),
-        Some(input) => {
-            cmd.stdin(Stdio::piped());
-            let mut child = cmd.spawn()?;
-            if let Some(mut pipe) = child.stdin.take() {
-                pipe.write_all(input)?;
-            }
-            child.wait_with_output()
-        }
     }
 }
 
