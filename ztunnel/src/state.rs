@@ -191,8 +191,8 @@ fn release(index: &mut AddrIndex, k: (String, IpAddr), owner: &str) {
 }
 
 /// The current owner of an address: the latest claim.
-fn owner(index: &AddrIndex, k: &(String, IpAddr)) -> Option<String> {
-    index.get(k).and_then(|o| o.last()).cloned()
+fn owner<'a>(index: &'a AddrIndex, k: &(String, IpAddr)) -> Option<&'a str> {
+    index.get(k).and_then(|o| o.last()).map(String::as_str)
 }
 
 impl Inner {
@@ -674,7 +674,7 @@ impl ProxyState {
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
         let inner = self.read();
         owner(&inner.by_ip, &(network.to_string(), ip))
-            .and_then(|uid| inner.workloads.get(&uid).cloned())
+            .and_then(|uid| inner.workloads.get(uid).cloned())
     }
 
     /// Workloads that back a service key, in a stable order.
@@ -693,7 +693,6 @@ impl ProxyState {
     pub fn resolve(&self, network: &str, dst: SocketAddr) -> Resolution {
         let inner = self.read();
         if let Some(key) = owner(&inner.by_vip, &(network.to_string(), dst.ip())) {
-            let key = &key;
             let Some(svc) = inner.services.get(key).cloned() else {
                 return Resolution::Passthrough;
             };
@@ -735,7 +734,7 @@ impl ProxyState {
             });
         }
         if let Some(uid) = owner(&inner.by_ip, &(network.to_string(), dst.ip())) {
-            if let Some(wl) = inner.workloads.get(&uid) {
+            if let Some(wl) = inner.workloads.get(uid) {
                 return Resolution::Upstream(Upstream {
                     workload: wl.clone(),
                     addr: dst,
