@@ -184,8 +184,10 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
             tokio::spawn(src.run(tx, drain.clone()));
         }
     }
+    let (flush_tx, flush_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(push::run(
         rx,
+        flush_rx,
         translator.clone(),
         store.clone(),
         drain.clone(),
@@ -234,13 +236,19 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
     let grpc_addr = grpc.local_addr().unwrap_or(cfg.grpc_addr);
     {
         let xds = xds.clone();
-        let store = store.clone();
         let drain = drain.clone();
         tokio::spawn(async move {
             // Bound but not accepting until the first full translation is
             // in the store: connections queue in the backlog meanwhile.
             sources.wait_ready().await;
-            settle(&store).await;
+            // Everything the sources listed was queued before they became
+            // ready; once the push loop has published up to here, the
+            // store holds the complete first view.
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            if flush_tx.send(done_tx).is_err() || done_rx.await.is_err() {
+                tracing::error!("push loop ended before the first full view was published");
+                return;
+            }
             drop(serving);
             tracing::info!(addr = %grpc_addr, "serving xDS and CA");
             let incoming = mesh_core::grpc::tls_incoming(grpc, tls);
@@ -260,17 +268,4 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
         xds,
         grpc_addr,
     })
-}
-
-/// Once the sources have listed everything, gives the push loop a moment
-/// to publish it: it drains its queue in one go, so waiting for the store to
-/// stop changing for a short while makes the first response complete.
-async fn settle(store: &ResourceStore) {
-    let mut changes = store.watch();
-    loop {
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_millis(100)) => return,
-        }
-    }
 }

@@ -67,18 +67,33 @@ pub fn publish(store: &ResourceStore, changes: Changes) -> Result<usize, PushErr
     Ok(store.apply(ADDRESS_TYPE_URL, upserts, changes.removes)?)
 }
 
-/// Applies batches from the sources until they close or drain begins.
+/// Asks [`run`] to confirm once everything queued before the request is in
+/// the store (the answer comes on the enclosed sender).
+pub type FlushRequest = tokio::sync::oneshot::Sender<()>;
+
+/// Applies batches from the sources until they close or drain begins. A
+/// request on `flush` is answered after every batch sent before it has been
+/// published (how start-up knows the first full view is in the store).
 pub async fn run(
     mut batches: mpsc::UnboundedReceiver<Vec<Event>>,
+    mut flush: mpsc::UnboundedReceiver<FlushRequest>,
     translator: SharedTranslator,
     store: Arc<ResourceStore>,
     drain: drain::Watch,
 ) -> Result<(), PushError> {
+    let mut flush_open = true;
     loop {
-        let first = tokio::select! {
+        let (first, reply) = tokio::select! {
             b = batches.recv() => match b {
-                Some(b) => b,
+                Some(b) => (b, None),
                 None => return Ok(()),
+            },
+            f = flush.recv(), if flush_open => match f {
+                Some(reply) => (Vec::new(), Some(reply)),
+                None => {
+                    flush_open = false;
+                    continue;
+                }
             },
             _ = drain.signaled() => return Ok(()),
         };
@@ -107,5 +122,62 @@ pub async fn run(
         if !changes.upserts.is_empty() || !changes.removes.is_empty() {
             publish(&store, changes)?;
         }
+        if let Some(reply) = reply {
+            let _ = reply.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::MeshConfig;
+    use k8s_openapi::api::core::v1::{Namespace, Service};
+    use kube::api::ObjectMeta;
+
+    fn service(name: &str) -> Event {
+        Event::Service(Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            spec: Some(Default::default()),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_flush_is_answered_after_everything_queued_before_it() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let store = ResourceStore::new();
+        let (_trigger, drain) = drain::new();
+        // Queued before the loop even runs, in several batches.
+        tx.send(vec![Event::Namespace(Namespace {
+            metadata: ObjectMeta {
+                name: Some("ns".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })])
+        .unwrap();
+        for i in 0..50 {
+            tx.send(vec![service(&format!("s{i}"))]).unwrap();
+        }
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        flush_tx.send(done_tx).unwrap();
+        tokio::spawn(run(
+            rx,
+            flush_rx,
+            SharedTranslator::new(Translator::new(MeshConfig::default())),
+            store.clone(),
+            drain,
+        ));
+        tokio::time::timeout(std::time::Duration::from_secs(10), done_rx)
+            .await
+            .expect("flush answered")
+            .unwrap();
+        assert_eq!(store.snapshot(ADDRESS_TYPE_URL).unwrap().len(), 50);
     }
 }

@@ -342,7 +342,15 @@ async fn main() -> Result<()> {
     let translator = istiod_lite::push::SharedTranslator::new(tr);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (_trigger, drain) = mesh_core::drain::new();
-    tokio::spawn(istiod_lite::push::run(rx, translator, store.clone(), drain));
+    // No flush requests here: the bench waits on the client instead.
+    let (_, flush) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(istiod_lite::push::run(
+        rx,
+        flush,
+        translator,
+        store.clone(),
+        drain,
+    ));
     let (w, mut changed) = Watcher::new();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
     let client = XdsClient::new(
