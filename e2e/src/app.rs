@@ -67,7 +67,7 @@ fn find_in(name: &str, dirs: &[PathBuf]) -> Option<PathBuf> {
 
 fn package_of(name: &str) -> &str {
     match name {
-        "mesh-app" | "mesh-bench" | "cp-bench" | "mesh-demo" => "e2e",
+        "mesh-app" | "mesh-bench" | "cp-bench" | "mesh-demo" | "sample-app" => "e2e",
         "mesh-cni" => "cni-plugin",
         other => other,
     }

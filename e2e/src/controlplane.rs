@@ -56,6 +56,18 @@ pub struct ControlPlane {
     process: Mutex<Option<Process>>,
     forwarder: tokio::task::JoinHandle<()>,
     extra_env: Vec<(String, String)>,
+    discovery_selector: bool,
+}
+
+/// How [`ControlPlane::start_with`] sets istiod-lite up.
+#[derive(Debug, Clone, Default)]
+pub struct ControlPlaneOptions {
+    /// Namespace of istiod-lite and the ztunnels; default `<run>-istio`.
+    pub istio_ns: Option<String>,
+    /// Scope istiod-lite to namespaces labelled with this run (tests sharing
+    /// one API server); off for a mesh that owns its API server.
+    pub unscoped: bool,
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl ControlPlane {
@@ -67,8 +79,25 @@ impl ControlPlane {
         kube: &'static KubeCluster,
         extra_env: &[(&str, &str)],
     ) -> Result<ControlPlane> {
+        let opts = ControlPlaneOptions {
+            extra_env: extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        Self::start_with(topo, rt, kube, opts)
+    }
+
+    /// [`ControlPlane::start`] with options.
+    pub fn start_with(
+        topo: &Topology,
+        rt: &tokio::runtime::Runtime,
+        kube: &'static KubeCluster,
+        opts: ControlPlaneOptions,
+    ) -> Result<ControlPlane> {
         let run = topo.prefix().to_string();
-        let istio_ns = format!("{run}-istio");
+        let istio_ns = opts.istio_ns.clone().unwrap_or_else(|| format!("{run}-istio"));
         rt.block_on(kube.create_namespace(&istio_ns, &[(RUN_LABEL, &run)]))?;
         let grpc_port = free_port()?;
         let http_port = free_port()?;
@@ -98,10 +127,8 @@ impl ControlPlane {
             http_port,
             process: Mutex::new(None),
             forwarder,
-            extra_env: extra_env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            extra_env: opts.extra_env,
+            discovery_selector: !opts.unscoped,
         };
         cp.launch(topo)?;
         Ok(cp)
@@ -120,11 +147,13 @@ impl ControlPlane {
             )
             .env("ISTIOD_SANS", EXTERNAL_IP.to_string())
             .env("ROOT_CERT_OUT", &self.root_cert)
-            .env("DISCOVERY_SELECTORS", format!("{RUN_LABEL}={}", self.run))
             .env(
                 "RUST_LOG",
                 std::env::var("ISTIOD_LOG").unwrap_or_else(|_| "info".into()),
             );
+        if self.discovery_selector {
+            cmd.env("DISCOVERY_SELECTORS", format!("{RUN_LABEL}={}", self.run));
+        }
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
@@ -264,6 +293,11 @@ pub async fn create_pod(client: &Client, p: &PodSpecOf<'_>) -> Result<Pod> {
             name: Some(p.name.to_string()),
             namespace: Some(p.namespace.to_string()),
             labels: Some(p.labels.clone()),
+            // Its process is the harness's, not a kubelet's.
+            annotations: Some(BTreeMap::from([(
+                crate::local::kubelet::EXTERNAL_RUNTIME_ANNOTATION.to_string(),
+                "harness".to_string(),
+            )])),
             ..Default::default()
         },
         spec: Some(PodSpec {

@@ -48,6 +48,13 @@ impl KubeCluster {
 
     fn start() -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("mesh-kube-{}", std::process::id()));
+        Self::start_in(&dir)
+    }
+
+    /// Starts a control plane of its own in `dir` (emptied first). It stops
+    /// with [`KubeCluster::stop`], or when this process is gone.
+    pub fn start_in(dir: &Path) -> Result<Self> {
+        let dir = dir.to_path_buf();
         let _ = std::fs::remove_dir_all(&dir);
         let up = scripts_dir().join("kube-up.sh");
         let out = Command::new("bash")
@@ -86,6 +93,19 @@ impl KubeCluster {
             kubeconfig: dir.join("kubeconfig"),
             dir,
         })
+    }
+
+    /// Stops the control plane and removes its directory.
+    pub fn stop(&self) {
+        let up = scripts_dir().join("kube-up.sh");
+        let _ = Command::new("bash")
+            .arg(&up)
+            .arg("--down")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 
     /// Path of the admin kubeconfig.

@@ -8,11 +8,15 @@
 
 pub mod app;
 pub mod capture;
+pub mod clusterdns;
 pub mod controlplane;
 pub mod interrupt;
 pub mod kube;
+pub mod local;
 pub mod mesh;
 pub mod netns;
+pub mod samples;
+pub mod svcproxy;
 pub mod topology;
 
 pub use capture::Capture;

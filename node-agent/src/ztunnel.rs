@@ -9,7 +9,7 @@
 //! SnapshotSent, so a restarted ztunnel resumes exactly the current set.
 //! Only one ztunnel connection is current; a new one replaces it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -70,6 +70,8 @@ struct Inner {
     /// added while ztunnel connects is sent exactly once, in order.
     current: tokio::sync::Mutex<Option<Current>>,
     connected: AtomicBool,
+    /// Uids the current connection has acknowledged (cleared when it goes).
+    acked: Mutex<BTreeSet<String>>,
 }
 
 /// Accepts ztunnel connections on a unix socket and hands pods to the
@@ -92,6 +94,7 @@ impl ZtunnelServer {
             pods: Mutex::new(BTreeMap::new()),
             current: tokio::sync::Mutex::new(None),
             connected: AtomicBool::new(false),
+            acked: Mutex::new(BTreeSet::new()),
         });
         let accept = tokio::spawn(accept_loop(listener, inner.clone()));
         tracing::info!(socket = %path.display(), "waiting for ztunnel");
@@ -115,6 +118,23 @@ impl ZtunnelServer {
     /// The enrolled pods, ordered by uid.
     pub fn pods(&self) -> Vec<EnrolledPod> {
         lock(&self.inner.pods).values().cloned().collect()
+    }
+
+    /// Whether the current ztunnel connection acknowledged the pod (in its
+    /// snapshot or since). False without a connection.
+    pub fn acknowledged(&self, uid: &str) -> bool {
+        lock(&self.inner.acked).contains(uid)
+    }
+
+    /// The enrolled pods the current connection has not acknowledged (it
+    /// refused them in its snapshot, or none is connected).
+    pub fn unacknowledged(&self) -> Vec<EnrolledPod> {
+        let acked = lock(&self.inner.acked);
+        lock(&self.inner.pods)
+            .values()
+            .filter(|p| !acked.contains(&p.uid))
+            .cloned()
+            .collect()
     }
 
     /// Records a pod without telling ztunnel now: it is part of the snapshot
@@ -165,11 +185,13 @@ impl ZtunnelServer {
         match result {
             Ok(()) => {
                 tracing::info!(uid, "pod handed to ztunnel");
+                lock(&self.inner.acked).insert(uid.to_string());
                 Ok(())
             }
             Err(ZdsError::Nack { error, .. }) => {
                 tracing::warn!(uid, reason = %error, "ztunnel refused pod");
                 lock(&self.inner.pods).remove(uid);
+                lock(&self.inner.acked).remove(uid);
                 Err(ZtunnelError::Refused {
                     uid: uid.to_string(),
                     reason: error,
@@ -192,6 +214,7 @@ impl ZtunnelServer {
     pub async fn remove_pod(&self, uid: &str) -> Result<(), ZtunnelError> {
         let mut current = self.inner.current.lock().await;
         lock(&self.inner.pods).remove(uid);
+        lock(&self.inner.acked).remove(uid);
         let Some(cur) = current.as_ref() else {
             return Ok(());
         };
@@ -232,6 +255,7 @@ impl Inner {
     fn drop_current(&self, current: &mut Option<Current>) {
         *current = None;
         self.connected.store(false, Ordering::SeqCst);
+        lock(&self.acked).clear();
     }
 }
 
@@ -259,7 +283,8 @@ async fn accept_loop(listener: ZdsListener, inner: Arc<Inner>) {
         inner.drop_current(&mut current);
         let pods: Vec<EnrolledPod> = lock(&inner.pods).values().cloned().collect();
         match send_snapshot(&conn, &pods).instrument(span.clone()).await {
-            Ok(()) => {
+            Ok(acked) => {
+                *lock(&inner.acked) = acked;
                 *current = Some(Current { conn, span });
                 inner.connected.store(true, Ordering::SeqCst);
             }
@@ -273,9 +298,13 @@ async fn accept_loop(listener: ZdsListener, inner: Arc<Inner>) {
 
 /// Every pod as an Add, then SnapshotSent. A pod whose namespace is gone or
 /// that ztunnel refuses is skipped (its CNI DEL follows); a broken connection
-/// ends the snapshot.
-async fn send_snapshot(conn: &ZdsAgentConn, pods: &[EnrolledPod]) -> Result<(), ZdsError> {
+/// ends the snapshot. Returns the uids ztunnel acknowledged.
+async fn send_snapshot(
+    conn: &ZdsAgentConn,
+    pods: &[EnrolledPod],
+) -> Result<BTreeSet<String>, ZdsError> {
     tracing::info!(pods = pods.len(), "ztunnel connected; sending snapshot");
+    let mut acked = BTreeSet::new();
     for pod in pods {
         let file = match std::fs::File::open(&pod.netns) {
             Ok(f) => f,
@@ -286,7 +315,9 @@ async fn send_snapshot(conn: &ZdsAgentConn, pods: &[EnrolledPod]) -> Result<(), 
             }
         };
         match conn.add(&pod.uid, pod.info.clone(), file.as_fd()).await {
-            Ok(()) => {}
+            Ok(()) => {
+                acked.insert(pod.uid.clone());
+            }
             Err(ZdsError::Nack { error, .. }) => {
                 tracing::warn!(uid = %pod.uid, reason = %error, "ztunnel refused pod in snapshot");
             }
@@ -295,7 +326,7 @@ async fn send_snapshot(conn: &ZdsAgentConn, pods: &[EnrolledPod]) -> Result<(), 
     }
     conn.snapshot_sent().await?;
     tracing::info!("snapshot sent");
-    Ok(())
+    Ok(acked)
 }
 
 #[cfg(test)]
@@ -356,9 +387,12 @@ mod tests {
         server.record_pod(&uid("b"), info("b"), Path::new(NETNS));
         assert!(!server.connected());
 
+        assert_eq!(server.unacknowledged().len(), 2);
         let first = ZdsClient::connect(&sock).await.unwrap();
         assert_eq!(read_snapshot(&first).await, [uid("a"), uid("b")]);
         wait_connected(&server, true).await;
+        assert!(server.acknowledged(&uid("a")) && server.acknowledged(&uid("b")));
+        assert!(server.unacknowledged().is_empty());
 
         // A restarted ztunnel replaces the first connection.
         let second = ZdsClient::connect(&sock).await.unwrap();

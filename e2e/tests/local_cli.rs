@@ -1,0 +1,160 @@
+//! `ambientctl local` as a new user runs it: `local up`, apply Istio's
+//! Bookinfo and curl samples, label the namespace, `local exec` curl in a
+//! pod to productpage (crossing nodes over HBONE), `local down` leaving no
+//! namespace, process, mount or file behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn ambientctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(e2e::app::binary("ambientctl").expect("ambientctl is built"))
+        .arg("local")
+        .arg("--state-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("ambientctl runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
+    let o = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    assert!(o.status.success(), "kubectl {args:?}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Everything on the host whose name says it belongs to this state dir.
+fn leftovers(dir: &Path, netns_before: &[String]) -> Vec<String> {
+    let mut left = Vec::new();
+    if dir.exists() {
+        left.push(format!("directory {}", dir.display()));
+    }
+    let now = e2e::netns::list().unwrap_or_default();
+    left.extend(
+        now.into_iter()
+            .filter(|n| !netns_before.contains(n))
+            .map(|n| format!("netns {n}")),
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    left.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&*dir.to_string_lossy()))
+            .map(|l| format!("mount {l}")),
+    );
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !netns_before.contains(&name) {
+                left.push(format!("/etc/netns/{name}"));
+            }
+        }
+    }
+    left
+}
+
+#[test]
+fn local_up_bookinfo_exec_curl_over_hbone_and_down_leaves_nothing() {
+    if !e2e::is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ambientctl-local-{}", std::process::id()));
+    let netns_before = e2e::netns::list().unwrap_or_default();
+    let up = ambientctl(&dir, &["up"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let out = String::from_utf8_lossy(&up.stdout).into_owned();
+    let kubeconfig = dir.join("kube/kubeconfig");
+    assert!(
+        out.contains(&format!("export KUBECONFIG={}", kubeconfig.display())),
+        "prints how to point kubectl at it:\n{out}"
+    );
+    let guard = Down(dir.clone());
+
+    let status = ambientctl(&dir, &["status"]);
+    assert!(status.status.success(), "{}", text(&status));
+    let st = String::from_utf8_lossy(&status.stdout);
+    assert!(st.contains("node1") && st.contains("node2") && st.contains("Ready"), "{st}");
+
+    let samples = repo().join("samples");
+    kubectl(&kubeconfig, &["apply", "-f", &samples.join("bookinfo/bookinfo.yaml").to_string_lossy()]);
+    kubectl(&kubeconfig, &["apply", "-f", &samples.join("curl/curl.yaml").to_string_lossy()]);
+    kubectl(&kubeconfig, &["label", "namespace", "default", "istio.io/dataplane-mode=ambient"]);
+    kubectl(
+        &kubeconfig,
+        &["wait", "--for=condition=Ready", "pods", "--all", "-n", "default", "--timeout=180s"],
+    );
+    let curl_pod = kubectl(
+        &kubeconfig,
+        &["get", "pods", "-l", "app=curl", "-o", "jsonpath={.items[0].metadata.name}"],
+    );
+    // Labelled after the pods started: the agent captures them in place.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let page = loop {
+        let o = ambientctl(
+            &dir,
+            &["exec", &curl_pod, "--", "curl", "-sS", "--max-time", "10", "http://productpage:9080/productpage"],
+        );
+        let body = String::from_utf8_lossy(&o.stdout).into_owned();
+        let captured = kubectl(
+            &kubeconfig,
+            &["get", "pod", &curl_pod, "-o", r#"jsonpath={.metadata.annotations.ambient\.istio\.io/redirection}"#],
+        ) == "enabled";
+        if o.status.success() && captured && body.contains("Simple Bookstore App") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "productpage not reached through the mesh: {}", text(&o));
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(page.contains("Reviews served by"), "{page}");
+
+    // The request crossed nodes over HBONE: some ztunnel counted it as
+    // mutual TLS with the productpage identity on the destination side.
+    let mut seen = String::new();
+    for node in ["node1", "node2"] {
+        let ns = e2e::local::node_netns_name(&dir, node).expect("node namespace recorded");
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns, "curl", "-s", "http://127.0.0.1:15020/metrics"])
+            .output()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    assert!(
+        seen.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("destination_workload=\"productpage-v1\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "no mutual-TLS productpage connection in ztunnel metrics:\n{seen}"
+    );
+
+    drop(guard);
+    let left = leftovers(&dir, &netns_before);
+    assert!(left.is_empty(), "local down left: {left:?}");
+}
+
+/// `local down` also when an assertion failed.
+struct Down(PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let o = ambientctl(&self.0, &["down"]);
+        assert!(o.status.success() || std::thread::panicking(), "{}", text(&o));
+    }
+}
