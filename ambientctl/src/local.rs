@@ -90,7 +90,11 @@ fn alive(pid: u32) -> bool {
 }
 
 fn running_pid(dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file(dir)).ok()?.trim().parse().ok()?;
+    let pid: u32 = std::fs::read_to_string(pid_file(dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     alive(pid).then_some(pid)
 }
 
@@ -120,7 +124,9 @@ fn require_root() -> Result<()> {
 fn up(dir: &Path, nodes: u8, timeout: Duration) -> Result<i32> {
     require_root()?;
     if let Some(pid) = running_pid(dir) {
-        println!("local mesh already running (supervisor pid {pid}); `ambientctl local status` shows it");
+        println!(
+            "local mesh already running (supervisor pid {pid}); `ambientctl local status` shows it"
+        );
         return Ok(0);
     }
     let _ = std::fs::remove_dir_all(dir);
@@ -144,7 +150,10 @@ fn up(dir: &Path, nodes: u8, timeout: Duration) -> Result<i32> {
         .spawn()
         .context("starting the local mesh supervisor (needs `setsid` from util-linux)")?;
     let pid = child.id();
-    eprintln!("starting the local mesh ({nodes} nodes); log: {}", log_path.display());
+    eprintln!(
+        "starting the local mesh ({nodes} nodes); log: {}",
+        log_path.display()
+    );
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(text) = std::fs::read(ready_file(dir)) {
@@ -153,7 +162,10 @@ fn up(dir: &Path, nodes: u8, timeout: Duration) -> Result<i32> {
             return Ok(0);
         }
         if let Ok(msg) = std::fs::read_to_string(failed_file(dir)) {
-            bail!("the local mesh did not start: {msg}\n(log: {})", log_path.display());
+            bail!(
+                "the local mesh did not start: {msg}\n(log: {})",
+                log_path.display()
+            );
         }
         if !alive(pid) && std::fs::read(ready_file(dir)).is_err() {
             bail!(
@@ -243,7 +255,10 @@ fn down(dir: &Path) -> Result<i32> {
         if removed.is_empty() {
             println!("local mesh is not running");
         } else {
-            println!("local mesh was not running; removed {} leftover namespaces", removed.len());
+            println!(
+                "local mesh was not running; removed {} leftover namespaces",
+                removed.len()
+            );
         }
         return Ok(0);
     };
@@ -275,7 +290,10 @@ fn status(dir: &Path) -> Result<i32> {
         return Ok(0);
     };
     let info: ReadyInfo = serde_json::from_slice(&text)?;
-    println!("local mesh is running (supervisor pid {pid}, state {})", dir.display());
+    println!(
+        "local mesh is running (supervisor pid {pid}, state {})",
+        dir.display()
+    );
     println!("KUBECONFIG={}", info.kubeconfig.display());
     let out = Command::new("kubectl")
         .arg("--kubeconfig")

@@ -8,7 +8,11 @@ mod local;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ambientctl", version, about = "Control and inspect the ambient mesh")]
+#[command(
+    name = "ambientctl",
+    version,
+    about = "Control and inspect the ambient mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

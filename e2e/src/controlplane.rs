@@ -97,7 +97,10 @@ impl ControlPlane {
         opts: ControlPlaneOptions,
     ) -> Result<ControlPlane> {
         let run = topo.prefix().to_string();
-        let istio_ns = opts.istio_ns.clone().unwrap_or_else(|| format!("{run}-istio"));
+        let istio_ns = opts
+            .istio_ns
+            .clone()
+            .unwrap_or_else(|| format!("{run}-istio"));
         rt.block_on(kube.create_namespace(&istio_ns, &[(RUN_LABEL, &run)]))?;
         let grpc_port = free_port()?;
         let http_port = free_port()?;

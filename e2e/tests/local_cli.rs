@@ -48,11 +48,9 @@ fn leftovers(dir: &Path, netns_before: &[String]) -> Vec<String> {
         left.push(format!("directory {}", dir.display()));
     }
     let now = e2e::netns::list().unwrap_or_default();
-    left.extend(
-        now.into_iter()
-            .filter(|n| !netns_before.contains(n))
-            .map(|n| format!("netns {n}")),
-    );
+    // Only the mesh's own names: other tests may make namespaces meanwhile.
+    let ours = |n: &String| n.starts_with(e2e::topology::RUN_PREFIX) && !netns_before.contains(n);
+    left.extend(now.into_iter().filter(ours).map(|n| format!("netns {n}")));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     left.extend(
         mounts
@@ -63,7 +61,7 @@ fn leftovers(dir: &Path, netns_before: &[String]) -> Vec<String> {
     if let Ok(entries) = std::fs::read_dir("/etc/netns") {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !netns_before.contains(&name) {
+            if ours(&name) {
                 left.push(format!("/etc/netns/{name}"));
             }
         }
@@ -92,36 +90,95 @@ fn local_up_bookinfo_exec_curl_over_hbone_and_down_leaves_nothing() {
     let status = ambientctl(&dir, &["status"]);
     assert!(status.status.success(), "{}", text(&status));
     let st = String::from_utf8_lossy(&status.stdout);
-    assert!(st.contains("node1") && st.contains("node2") && st.contains("Ready"), "{st}");
+    assert!(
+        st.contains("node1") && st.contains("node2") && st.contains("Ready"),
+        "{st}"
+    );
 
     let samples = repo().join("samples");
-    kubectl(&kubeconfig, &["apply", "-f", &samples.join("bookinfo/bookinfo.yaml").to_string_lossy()]);
-    kubectl(&kubeconfig, &["apply", "-f", &samples.join("curl/curl.yaml").to_string_lossy()]);
-    kubectl(&kubeconfig, &["label", "namespace", "default", "istio.io/dataplane-mode=ambient"]);
     kubectl(
         &kubeconfig,
-        &["wait", "--for=condition=Ready", "pods", "--all", "-n", "default", "--timeout=180s"],
+        &[
+            "apply",
+            "-f",
+            &samples.join("bookinfo/bookinfo.yaml").to_string_lossy(),
+        ],
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "apply",
+            "-f",
+            &samples.join("curl/curl.yaml").to_string_lossy(),
+        ],
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "label",
+            "namespace",
+            "default",
+            "istio.io/dataplane-mode=ambient",
+        ],
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pods",
+            "--all",
+            "-n",
+            "default",
+            "--timeout=180s",
+        ],
     );
     let curl_pod = kubectl(
         &kubeconfig,
-        &["get", "pods", "-l", "app=curl", "-o", "jsonpath={.items[0].metadata.name}"],
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=curl",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
     );
     // Labelled after the pods started: the agent captures them in place.
     let deadline = Instant::now() + Duration::from_secs(60);
     let page = loop {
         let o = ambientctl(
             &dir,
-            &["exec", &curl_pod, "--", "curl", "-sS", "--max-time", "10", "http://productpage:9080/productpage"],
+            &[
+                "exec",
+                &curl_pod,
+                "--",
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "http://productpage:9080/productpage",
+            ],
         );
         let body = String::from_utf8_lossy(&o.stdout).into_owned();
         let captured = kubectl(
             &kubeconfig,
-            &["get", "pod", &curl_pod, "-o", r#"jsonpath={.metadata.annotations.ambient\.istio\.io/redirection}"#],
+            &[
+                "get",
+                "pod",
+                &curl_pod,
+                "-o",
+                r#"jsonpath={.metadata.annotations.ambient\.istio\.io/redirection}"#,
+            ],
         ) == "enabled";
         if o.status.success() && captured && body.contains("Simple Bookstore App") {
             break body;
         }
-        assert!(Instant::now() < deadline, "productpage not reached through the mesh: {}", text(&o));
+        assert!(
+            Instant::now() < deadline,
+            "productpage not reached through the mesh: {}",
+            text(&o)
+        );
         std::thread::sleep(Duration::from_secs(1));
     };
     assert!(page.contains("Reviews served by"), "{page}");
@@ -132,15 +189,23 @@ fn local_up_bookinfo_exec_curl_over_hbone_and_down_leaves_nothing() {
     for node in ["node1", "node2"] {
         let ns = e2e::local::node_netns_name(&dir, node).expect("node namespace recorded");
         let o = Command::new("ip")
-            .args(["netns", "exec", &ns, "curl", "-s", "http://127.0.0.1:15020/metrics"])
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "curl",
+                "-s",
+                "http://127.0.0.1:15020/metrics",
+            ])
             .output()
             .unwrap();
         seen.push_str(&String::from_utf8_lossy(&o.stdout));
     }
     assert!(
-        seen.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
-            && l.contains("destination_workload=\"productpage-v1\"")
-            && l.contains("connection_security_policy=\"mutual_tls\"")),
+        seen.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("destination_workload=\"productpage-v1\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")),
         "no mutual-TLS productpage connection in ztunnel metrics:\n{seen}"
     );
 
@@ -155,6 +220,10 @@ struct Down(PathBuf);
 impl Drop for Down {
     fn drop(&mut self) {
         let o = ambientctl(&self.0, &["down"]);
-        assert!(o.status.success() || std::thread::panicking(), "{}", text(&o));
+        assert!(
+            o.status.success() || std::thread::panicking(),
+            "{}",
+            text(&o)
+        );
     }
 }

@@ -35,7 +35,14 @@ fn start(tag: &str) -> LocalMesh {
 }
 
 /// A Deployment-less pod pinned to `node`, running `image` (and `command`).
-fn pod_yaml(ns: &str, name: &str, node: &str, image: &str, command: &[&str], port: Option<u16>) -> String {
+fn pod_yaml(
+    ns: &str,
+    name: &str,
+    node: &str,
+    image: &str,
+    command: &[&str],
+    port: Option<u16>,
+) -> String {
     let cmd = if command.is_empty() {
         String::new()
     } else {
@@ -141,7 +148,9 @@ fn opened(mesh: &LocalMesh, node: &str, needle: &str) -> usize {
     mesh.ztunnel_get(node, 15020, "/metrics")
         .map(|(_, body)| {
             body.lines()
-                .filter(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains(needle))
+                .filter(|l| {
+                    l.starts_with("istio_tcp_connections_opened_total") && l.contains(needle)
+                })
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>() as usize
         })
@@ -179,25 +188,44 @@ fn cni_chain_captures_mesh_pods_before_they_start_and_leaves_others_alone() {
     // A server in the mesh on node2; a client whose very first action is a
     // connection to it: if its process ran before capture, that connection
     // would bypass ztunnel.
-    mesh.apply(&pod_yaml("mesh", "ratings", "node2", RATINGS, &[], Some(9080)))
+    mesh.apply(&pod_yaml(
+        "mesh",
+        "ratings",
+        "node2",
+        RATINGS,
+        &[],
+        Some(9080),
+    ))
+    .unwrap();
+    mesh.wait_pods_ready("mesh", Duration::from_secs(60))
         .unwrap();
-    mesh.wait_pods_ready("mesh", Duration::from_secs(60)).unwrap();
     let server_ip = mesh.pod_record("mesh", "ratings").unwrap().ip;
     let first = format!(
         "curl -s -o /tmp/first-{pid} --max-time 10 http://{server_ip}:9080/ratings/1; sleep infinity",
         pid = std::process::id()
     );
-    mesh.apply(&pod_yaml("mesh", "early", "node1", CURL, &["sh", "-c", &first], None))
-        .unwrap();
+    mesh.apply(&pod_yaml(
+        "mesh",
+        "early",
+        "node1",
+        CURL,
+        &["sh", "-c", &first],
+        None,
+    ))
+    .unwrap();
     mesh.apply(&pod_yaml("plain", "outside", "node1", CURL, &[], None))
         .unwrap();
-    mesh.wait_pods_ready("mesh", Duration::from_secs(60)).unwrap();
-    mesh.wait_pods_ready("plain", Duration::from_secs(60)).unwrap();
+    mesh.wait_pods_ready("mesh", Duration::from_secs(60))
+        .unwrap();
+    mesh.wait_pods_ready("plain", Duration::from_secs(60))
+        .unwrap();
 
     // The client's first connection went through its node's ztunnel.
-    wait_until("the early connection in ztunnel's metrics", Duration::from_secs(20), || {
-        (opened(&mesh, "node1", "source_workload=\"early\"") > 0).then(String::new)
-    });
+    wait_until(
+        "the early connection in ztunnel's metrics",
+        Duration::from_secs(20),
+        || (opened(&mesh, "node1", "source_workload=\"early\"") > 0).then(String::new),
+    );
     assert_eq!(annotation(&mesh, "mesh", "early"), "enabled");
     assert!(has_capture_rules(&mesh, "mesh", "early"));
 
@@ -210,7 +238,12 @@ fn cni_chain_captures_mesh_pods_before_they_start_and_leaves_others_alone() {
             && !captured.iter().any(|p| p.contains("outside")),
         "{captured:?}"
     );
-    let (ok, body) = curl(&mesh, "plain", "outside", &format!("http://{server_ip}:9080/health"));
+    let (ok, body) = curl(
+        &mesh,
+        "plain",
+        "outside",
+        &format!("http://{server_ip}:9080/health"),
+    );
     assert!(ok, "plain pod still reaches others: {body}");
 
     // CHECK passes for both, then fails for the mesh pod once its rules are gone.
@@ -223,17 +256,35 @@ fn cni_chain_captures_mesh_pods_before_they_start_and_leaves_others_alone() {
 
     // DEL: deleting the pod releases it in ztunnel and frees its address.
     let netns = rec.netns.clone();
-    mesh.kubectl(&["delete", "pod", "-n", "mesh", "early", "--wait=true", "--timeout=60s"])
-        .unwrap();
+    mesh.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        "mesh",
+        "early",
+        "--wait=true",
+        "--timeout=60s",
+    ])
+    .unwrap();
     assert!(!Netns::from_name(&netns).exists(), "pod namespace removed");
     wait_until("ztunnel to forget the pod", Duration::from_secs(20), || {
-        (!captured_pods(&mesh, "node1").iter().any(|p| p.ends_with("/early"))).then(String::new)
+        (!captured_pods(&mesh, "node1")
+            .iter()
+            .any(|p| p.ends_with("/early")))
+        .then(String::new)
     });
     let ipam = mesh.node("node1").dir.join("ipam/localmesh");
     let held: Vec<String> = std::fs::read_dir(&ipam)
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default();
-    assert!(!held.contains(&rec.ip), "host-local released {}: {held:?}", rec.ip);
+    assert!(
+        !held.contains(&rec.ip),
+        "host-local released {}: {held:?}",
+        rec.ip
+    );
 
     // The installed plugin answers bad input with a CNI error, not a panic.
     let plugin = mesh.node("node1").dir.join("bin/mesh-cni");
@@ -244,7 +295,10 @@ fn cni_chain_captures_mesh_pods_before_they_start_and_leaves_others_alone() {
         .unwrap();
     assert!(!out.status.success());
     let err: serde_json::Value = serde_json::from_slice(&out.stdout).expect("error result is JSON");
-    assert!(err["code"].as_u64().is_some() && err["msg"].is_string(), "{err}");
+    assert!(
+        err["code"].as_u64().is_some() && err["msg"].is_string(),
+        "{err}"
+    );
 }
 
 #[test]
@@ -256,11 +310,19 @@ fn labelling_a_namespace_captures_running_pods_and_unlabelling_releases_them() {
     let mesh = start("label");
     mesh.apply(&namespace_yaml("shop", false)).unwrap();
     mesh.apply(&service_yaml("shop", "ratings")).unwrap();
-    mesh.apply(&pod_yaml("shop", "ratings", "node2", RATINGS, &[], Some(9080)))
-        .unwrap();
+    mesh.apply(&pod_yaml(
+        "shop",
+        "ratings",
+        "node2",
+        RATINGS,
+        &[],
+        Some(9080),
+    ))
+    .unwrap();
     mesh.apply(&pod_yaml("shop", "client", "node1", CURL, &[], None))
         .unwrap();
-    mesh.wait_pods_ready("shop", Duration::from_secs(60)).unwrap();
+    mesh.wait_pods_ready("shop", Duration::from_secs(60))
+        .unwrap();
     let server_ip = mesh.pod_record("shop", "ratings").unwrap().ip;
     let url = format!("http://{server_ip}:9080/ratings/{}", std::process::id());
     let marker = format!("/ratings/{}", std::process::id());
@@ -271,7 +333,10 @@ fn labelling_a_namespace_captures_running_pods_and_unlabelling_releases_them() {
     let (ok, body) = curl(&mesh, "shop", "client", &url);
     assert!(ok, "{body}");
     let pcap = cap.stop().unwrap();
-    assert!(capture::contains(&pcap, marker.as_bytes()), "plaintext before enrollment");
+    assert!(
+        capture::contains(&pcap, marker.as_bytes()),
+        "plaintext before enrollment"
+    );
     assert_eq!(opened(&mesh, "node1", "source_workload=\"client\""), 0);
 
     // Label: both running pods get captured without a restart.
@@ -286,7 +351,10 @@ fn labelling_a_namespace_captures_running_pods_and_unlabelling_releases_them() {
     let (ok, body) = curl(&mesh, "shop", "client", &url);
     assert!(ok, "{body}");
     let pcap = cap.stop().unwrap();
-    assert!(!capture::contains(&pcap, marker.as_bytes()), "no plaintext once enrolled");
+    assert!(
+        !capture::contains(&pcap, marker.as_bytes()),
+        "no plaintext once enrolled"
+    );
     assert!(opened(&mesh, "node1", "source_workload=\"client\"") > 0);
 
     // Unlabel: released, traffic direct again.
@@ -315,28 +383,43 @@ fn restarts_recapture_every_pod_and_add_fails_closed_without_ztunnel() {
     let mut mesh = start("restart");
     mesh.apply(&namespace_yaml("app", true)).unwrap();
     mesh.apply(&service_yaml("app", "ratings")).unwrap();
-    mesh.apply(&pod_yaml("app", "ratings", "node2", RATINGS, &[], Some(9080)))
-        .unwrap();
+    mesh.apply(&pod_yaml(
+        "app",
+        "ratings",
+        "node2",
+        RATINGS,
+        &[],
+        Some(9080),
+    ))
+    .unwrap();
     mesh.apply(&pod_yaml("app", "client", "node1", CURL, &[], None))
         .unwrap();
-    mesh.wait_pods_ready("app", Duration::from_secs(60)).unwrap();
+    mesh.wait_pods_ready("app", Duration::from_secs(60))
+        .unwrap();
     let server_ip = mesh.pod_record("app", "ratings").unwrap().ip;
     let url = format!("http://{server_ip}:9080/ratings/1");
     let through_mesh = |mesh: &LocalMesh| {
         let before = opened(mesh, "node1", "source_workload=\"client\"");
         let (ok, body) = curl(mesh, "app", "client", &url);
         assert!(ok, "{body}");
-        assert!(opened(mesh, "node1", "source_workload=\"client\"") > before, "went through ztunnel");
+        assert!(
+            opened(mesh, "node1", "source_workload=\"client\"") > before,
+            "went through ztunnel"
+        );
     };
     through_mesh(&mesh);
 
     // ztunnel restarts: it gets the snapshot again and serves the pod.
     mesh.restart_ztunnel("node1").unwrap();
-    wait_until("ztunnel to hold the client again", Duration::from_secs(30), || {
-        captured_pods(&mesh, "node1")
-            .contains(&"Kubernetes//Pod/app/client".to_string())
-            .then(String::new)
-    });
+    wait_until(
+        "ztunnel to hold the client again",
+        Duration::from_secs(30),
+        || {
+            captured_pods(&mesh, "node1")
+                .contains(&"Kubernetes//Pod/app/client".to_string())
+                .then(String::new)
+        },
+    );
     through_mesh(&mesh);
 
     // The agent restarts: it rebuilds its view, pods stay captured.
@@ -349,26 +432,46 @@ fn restarts_recapture_every_pod_and_add_fails_closed_without_ztunnel() {
     mesh.stop_ztunnel("node1").unwrap();
     mesh.apply(&pod_yaml("app", "late", "node1", CURL, &[], None))
         .unwrap();
-    wait_until("a FailedCreatePodSandBox event", Duration::from_secs(60), || {
-        let ev = mesh
-            .kubectl(&["get", "events", "-n", "app", "--field-selector", "involvedObject.name=late"])
-            .ok()?;
-        ev.contains("FailedCreatePodSandBox").then_some(ev)
-    });
-    assert!(mesh.pod_record("app", "late").is_none(), "no process ran uncaptured");
+    wait_until(
+        "a FailedCreatePodSandBox event",
+        Duration::from_secs(60),
+        || {
+            let ev = mesh
+                .kubectl(&[
+                    "get",
+                    "events",
+                    "-n",
+                    "app",
+                    "--field-selector",
+                    "involvedObject.name=late",
+                ])
+                .ok()?;
+            ev.contains("FailedCreatePodSandBox").then_some(ev)
+        },
+    );
+    assert!(
+        mesh.pod_record("app", "late").is_none(),
+        "no process ran uncaptured"
+    );
     mesh.restart_ztunnel("node1").unwrap();
-    mesh.wait_pods_ready("app", Duration::from_secs(60)).unwrap();
+    mesh.wait_pods_ready("app", Duration::from_secs(60))
+        .unwrap();
     assert!(has_capture_rules(&mesh, "app", "late"));
 
     // Rules deleted by hand: the agent notices, repairs, and says so.
     let rec = mesh.pod_record("app", "client").unwrap();
     node_agent::rules::remove(&Netns::from_name(&rec.netns)).unwrap();
-    wait_until("the agent to repair the rules", Duration::from_secs(30), || {
-        has_capture_rules(&mesh, "app", "client").then(String::new)
-    });
+    wait_until(
+        "the agent to repair the rules",
+        Duration::from_secs(30),
+        || has_capture_rules(&mesh, "app", "client").then(String::new),
+    );
     let agent = mesh.node("node1").agent().unwrap();
     let logs = format!("{}{}", agent.stdout(), agent.stderr());
-    assert!(logs.contains("app/client"), "the agent's log names the pod:\n{logs}");
+    assert!(
+        logs.contains("app/client"),
+        "the agent's log names the pod:\n{logs}"
+    );
     let metrics = e2e::local::http_get(mesh.node("node1").agent_metrics, "/metrics")
         .unwrap()
         .1;

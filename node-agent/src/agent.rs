@@ -78,19 +78,19 @@ pub trait Cluster: Send + Sync + 'static {
 pub enum AgentError {
     #[error("malformed request: {0}")]
     BadRequest(String),
-    #[error("cannot tell whether pod {pod} is in the mesh: {source}")]
+    #[error("cannot tell whether pod {pod} is in the mesh")]
     Lookup {
         pod: String,
         #[source]
         source: ClusterError,
     },
-    #[error("installing the capture rules of pod {pod}: {source}")]
+    #[error("installing the capture rules of pod {pod}")]
     Rules {
         pod: String,
         #[source]
         source: rules::RulesError,
     },
-    #[error("handing pod {pod} to ztunnel: {source}")]
+    #[error("handing pod {pod} to ztunnel")]
     Ztunnel {
         pod: String,
         #[source]
@@ -120,6 +120,19 @@ impl AgentError {
                 }
         )
     }
+}
+
+/// `e` and all its causes, `: `-separated: the one line a log or the
+/// runtime's error message shows.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Why a pod is left alone.
@@ -411,16 +424,18 @@ pub async fn restore(settings: &Settings, snapshot: &Snapshot) -> Vec<PodRecord>
                     record.captured = true;
                     span.in_scope(|| tracing::info!(netns = %record.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "capture restored"));
                 }
-                Ok(Err(e)) => span
-                    .in_scope(|| tracing::error!(error = %e, "cannot restore the capture rules")),
-                Err(e) => span
-                    .in_scope(|| tracing::error!(error = %e, "cannot restore the capture rules")),
+                Ok(Err(e)) => span.in_scope(
+                    || tracing::error!(error = %chain(&e), "cannot restore the capture rules"),
+                ),
+                Err(e) => span.in_scope(
+                    || tracing::error!(error = %chain(&e), "cannot restore the capture rules"),
+                ),
             }
         } else {
             match blocking(move || rules::remove(&netns)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => span.in_scope(|| tracing::warn!(error = %e, "cannot remove the capture rules of a pod no longer enrolled")),
-                Err(e) => span.in_scope(|| tracing::warn!(error = %e, "cannot remove the capture rules of a pod no longer enrolled")),
+                Ok(Err(e)) => span.in_scope(|| tracing::warn!(error = %chain(&e), "cannot remove the capture rules of a pod no longer enrolled")),
+                Err(e) => span.in_scope(|| tracing::warn!(error = %chain(&e), "cannot remove the capture rules of a pod no longer enrolled")),
             }
         }
         out.push(record);
@@ -568,7 +583,7 @@ impl Agent {
             let _ = self.ztunnel.remove_pod(&uid).await;
             let ns = netns.clone();
             if let Ok(Err(re)) = blocking(move || rules::remove(&ns)).await {
-                tracing::warn!(pod, error = %re, "cannot undo the capture rules");
+                tracing::warn!(pod, error = %chain(&re), "cannot undo the capture rules");
             }
             record.captured = false;
             return Err(e);
@@ -584,13 +599,17 @@ impl Agent {
         let pod = record.display();
         let uid = workload_uid(&record.namespace, &record.name);
         if let Err(e) = self.ztunnel.remove_pod(&uid).await {
-            tracing::warn!(pod, error = %e, "ztunnel did not confirm the removal");
+            tracing::warn!(pod, error = %chain(&e), "ztunnel did not confirm the removal");
         }
         if let (true, Some(netns)) = (remove_rules, record.netns.clone()) {
             match blocking(move || rules::remove(&netns)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(pod, error = %e, "cannot remove the capture rules"),
-                Err(e) => tracing::warn!(pod, error = %e, "cannot remove the capture rules"),
+                Ok(Err(e)) => {
+                    tracing::warn!(pod, error = %chain(&e), "cannot remove the capture rules")
+                }
+                Err(e) => {
+                    tracing::warn!(pod, error = %chain(&e), "cannot remove the capture rules")
+                }
             }
         }
         record.captured = false;
@@ -632,7 +651,7 @@ impl Agent {
                 let state = self.state.lock().await;
                 match state.pods.get(&key) {
                     Some(p) => {
-                        tracing::warn!(error = %source, "API server lookup failed; deciding from the watched copy");
+                        tracing::warn!(error = %chain(&source), "API server lookup failed; deciding from the watched copy");
                         (state.namespaces.get(&key.0).cloned(), Some(p.clone()))
                     }
                     None => {
@@ -899,7 +918,7 @@ impl Agent {
                     if record.netns.is_some() {
                         tracing::info!(reason = %decision.reason(&key.0, &key.1), "pod entered the mesh; capturing");
                         if let Err(e) = self.capture(&mut record, false).await {
-                            tracing::error!(error = %e, "cannot capture the running pod; retrying later");
+                            tracing::error!(error = %chain(&e), "cannot capture the running pod; retrying later");
                         }
                     } else if !record.ips.is_empty() {
                         tracing::warn!(ips = ?record.ips, "pod entered the mesh but its network namespace was not found; retrying later");
@@ -970,7 +989,7 @@ impl Agent {
                     continue;
                 }
                 Ok(Err(e)) => {
-                    tracing::error!(pod, error = %e, "ztunnel still does not take the pod")
+                    tracing::error!(pod, error = %chain(&e), "ztunnel still does not take the pod")
                 }
                 Err(_) => tracing::error!(pod, "ztunnel did not answer about the pod"),
             }

@@ -139,7 +139,9 @@ pub async fn run_with(config: Config, ready: Ready, drain: drain::Watch) -> Resu
         let cni = cni.clone();
         match tokio::task::spawn_blocking(move || install::uninstall(&cni)).await {
             Ok(Ok(())) => tracing::info!("CNI plugin uninstalled"),
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot uninstall the CNI plugin"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %agent::chain(&e), "cannot uninstall the CNI plugin")
+            }
             Err(e) => tracing::error!(error = %e, "CNI uninstall task failed"),
         }
     }

@@ -78,7 +78,7 @@ pub fn check_and_repair(pod: &EnrolledPod, options: &RuleOptions, m: &RepairMetr
         Ok(RuleStatus::Incomplete(missing)) => missing,
         Err(e) => {
             m.failed.get_or_create(&rules_label()).inc();
-            tracing::error!(pod = %format!("{ns}/{name}"), error = %e, "cannot check the pod's capture rules");
+            tracing::error!(pod = %format!("{ns}/{name}"), error = %crate::agent::chain(&e), "cannot check the pod's capture rules");
             return Outcome::Failed(e.to_string());
         }
     };
@@ -92,7 +92,7 @@ pub fn check_and_repair(pod: &EnrolledPod, options: &RuleOptions, m: &RepairMetr
         }
         Err(e) => {
             m.failed.get_or_create(&rules_label()).inc();
-            tracing::error!(pod = %format!("{ns}/{name}"), missing = ?missing, error = %e, "capture rules damaged and could not be repaired");
+            tracing::error!(pod = %format!("{ns}/{name}"), missing = ?missing, error = %crate::agent::chain(&e), "capture rules damaged and could not be repaired");
             Outcome::Failed(e.to_string())
         }
     }

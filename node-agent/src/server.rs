@@ -78,13 +78,7 @@ fn failure(e: &AgentError) -> Response<Full<Bytes>> {
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     // The whole chain of causes: the runtime shows only this text.
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
+    let mut text = crate::agent::chain(e);
     text.push('\n');
     reply(status, text, false)
 }
@@ -136,7 +130,7 @@ pub async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Full<
     match result {
         Ok(body) => reply(StatusCode::OK, body, true),
         Err(e) => {
-            tracing::warn!(path, pod = %format!("{}/{}", ev.pod_namespace, ev.pod_name), error = %e, "plugin event failed");
+            tracing::warn!(path, pod = %format!("{}/{}", ev.pod_namespace, ev.pod_name), error = %crate::agent::chain(&e), "plugin event failed");
             failure(&e)
         }
     }

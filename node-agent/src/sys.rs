@@ -106,7 +106,9 @@ pub fn scan(dirs: &[PathBuf]) -> Vec<(PathBuf, BTreeSet<IpAddr>)> {
         for path in paths {
             match netns_addresses(&path) {
                 Ok(addrs) => out.push((path, addrs)),
-                Err(e) => tracing::debug!(error = %e, "skipping network namespace"),
+                Err(e) => {
+                    tracing::debug!(error = %crate::agent::chain(&e), "skipping network namespace")
+                }
             }
         }
     }

@@ -376,11 +376,18 @@ mod tests {
             node: Netns::from_name("unused"),
         };
         assert!(matches!(cfg.load(), Err(CniError::NoConfig(_))));
-        std::fs::write(dir.path().join("20-b.conflist"), r#"{"name":"b","plugins":[]}"#).unwrap();
+        std::fs::write(
+            dir.path().join("20-b.conflist"),
+            r#"{"name":"b","plugins":[]}"#,
+        )
+        .unwrap();
         std::fs::write(dir.path().join("10-a.conflist"), r#"{"name":"a"}"#).unwrap();
         std::fs::write(dir.path().join("05-x.conf"), "not a list").unwrap();
         let err = cfg.load().unwrap_err().to_string();
-        assert!(err.contains("10-a.conflist") && err.contains("plugins"), "{err}");
+        assert!(
+            err.contains("10-a.conflist") && err.contains("plugins"),
+            "{err}"
+        );
         std::fs::remove_file(dir.path().join("10-a.conflist")).unwrap();
         assert_eq!(cfg.load().unwrap().1["name"], "b");
         assert!(matches!(

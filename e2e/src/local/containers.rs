@@ -320,8 +320,13 @@ mod tests {
             image: Some("docker.io/istio/examples-bookinfo-ratings-v1:1.20.1".into()),
             ..Default::default()
         };
-        let l = resolve(&pod(c.clone()), &c, &Runtime::default(), Path::new("/x/sample-app"))
-            .unwrap();
+        let l = resolve(
+            &pod(c.clone()),
+            &c,
+            &Runtime::default(),
+            Path::new("/x/sample-app"),
+        )
+        .unwrap();
         assert_eq!(l.program, Path::new("/x/sample-app"));
         assert!(!l.args.is_empty());
     }

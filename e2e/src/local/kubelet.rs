@@ -161,7 +161,13 @@ fn dispatch(
     }
     let (tx, rx) = watch::channel(pod);
     let gone = CancellationToken::new();
-    let runner = PodRunner::new(client.clone(), cfg.clone(), rx, gone.clone(), shutdown.clone());
+    let runner = PodRunner::new(
+        client.clone(),
+        cfg.clone(),
+        rx,
+        gone.clone(),
+        shutdown.clone(),
+    );
     let task = tokio::spawn(runner.run());
     workers.insert(uid, Worker { tx, gone, task });
 }
@@ -184,7 +190,8 @@ fn node_object(cfg: &KubeletConfig) -> Node {
 
 fn node_status(cfg: &KubeletConfig) -> serde_json::Value {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let resources = json!({"cpu": "8", "memory": "16Gi", "pods": "110", "ephemeral-storage": "50Gi"});
+    let resources =
+        json!({"cpu": "8", "memory": "16Gi", "pods": "110", "ephemeral-storage": "50Gi"});
     json!({
         "status": {
             "addresses": [
@@ -253,7 +260,11 @@ async fn heartbeat(client: Client, cfg: Arc<KubeletConfig>, shutdown: Cancellati
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
         }
         if let Err(e) = api
-            .patch_status(&cfg.node_name, &PatchParams::default(), &Patch::Merge(node_status(&cfg)))
+            .patch_status(
+                &cfg.node_name,
+                &PatchParams::default(),
+                &Patch::Merge(node_status(&cfg)),
+            )
             .await
         {
             tracing::warn!(node = %cfg.node_name, error = %e, "node heartbeat failed");
@@ -262,7 +273,14 @@ async fn heartbeat(client: Client, cfg: Arc<KubeletConfig>, shutdown: Cancellati
 }
 
 /// Records an Event on a pod, as `kubectl describe pod` shows them.
-pub(crate) async fn event(client: &Client, pod: &Pod, node: &str, ty: &str, reason: &str, message: &str) {
+pub(crate) async fn event(
+    client: &Client,
+    pod: &Pod,
+    node: &str,
+    ty: &str,
+    reason: &str,
+    message: &str,
+) {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let now = k8s_openapi::jiff::Timestamp::now();
@@ -314,7 +332,10 @@ pub(crate) async fn finalize_delete(client: &Client, pod: &Pod) {
         }),
         ..Default::default()
     };
-    match Api::<Pod>::namespaced(client.clone(), &ns).delete(&name, &dp).await {
+    match Api::<Pod>::namespaced(client.clone(), &ns)
+        .delete(&name, &dp)
+        .await
+    {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
         Err(e) => tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "final delete failed"),

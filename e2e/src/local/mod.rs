@@ -100,8 +100,9 @@ impl LocalMesh {
     pub fn start(spec: LocalMeshSpec) -> Result<LocalMesh> {
         std::fs::create_dir_all(&spec.state_dir)
             .with_context(|| format!("creating {}", spec.state_dir.display()))?;
-        let kube: &'static KubeCluster =
-            Box::leak(Box::new(KubeCluster::start_in(&spec.state_dir.join("kube"))?));
+        let kube: &'static KubeCluster = Box::leak(Box::new(KubeCluster::start_in(
+            &spec.state_dir.join("kube"),
+        )?));
         let mut b = Topology::builder();
         for n in &spec.nodes {
             b = b.node(n);
@@ -177,7 +178,15 @@ impl LocalMesh {
     fn prepare_node(&self, name: &str) -> Result<NodeRun> {
         let dir = self.node_dir(name);
         let node = self.topo.node(name);
-        for sub in ["net.d", "bin", "ipam", "run/istio-cni", "run/ztunnel", "pods", "logs"] {
+        for sub in [
+            "net.d",
+            "bin",
+            "ipam",
+            "run/istio-cni",
+            "run/ztunnel",
+            "pods",
+            "logs",
+        ] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         // The node's network before the mesh: bridge + host-local, as a
@@ -243,7 +252,9 @@ impl LocalMesh {
         if let Some(old) = self.nodes[i].agent.take() {
             let _ = old.kill();
         }
-        let p = self.topo.spawn_host(&format!("node-agent-{}", self.nodes[i].name), cmd)?;
+        let p = self
+            .topo
+            .spawn_host(&format!("node-agent-{}", self.nodes[i].name), cmd)?;
         self.nodes[i].agent = Some(p);
         Ok(())
     }
@@ -324,7 +335,12 @@ impl LocalMesh {
             let agent_ok = http_status(n.agent_readiness, "/readyz") == Some(200);
             let zt_ok = node
                 .netns()
-                .run_in(|| http_status(SocketAddr::from((Ipv4Addr::LOCALHOST, 15021)), "/healthz/ready"))
+                .run_in(|| {
+                    http_status(
+                        SocketAddr::from((Ipv4Addr::LOCALHOST, 15021)),
+                        "/healthz/ready",
+                    )
+                })
                 .ok()
                 .flatten()
                 == Some(200);
@@ -373,7 +389,8 @@ impl LocalMesh {
             }));
             let (c, s, ns) = (client.clone(), self.shutdown.clone(), node.netns().clone());
             self.tasks.push(self.rt.spawn(async move {
-                if let Err(e) = crate::clusterdns::run(c, ns, CLUSTER_DNS, CLUSTER_DOMAIN, s).await {
+                if let Err(e) = crate::clusterdns::run(c, ns, CLUSTER_DNS, CLUSTER_DOMAIN, s).await
+                {
                     tracing::error!(error = %e, "cluster DNS stopped");
                 }
             }));
@@ -391,7 +408,11 @@ impl LocalMesh {
     pub fn set_ambient(&self, namespace: &str, on: bool) -> Result<()> {
         let client = self.client()?;
         let api: Api<Namespace> = Api::all(client);
-        let value = if on { json!("ambient") } else { serde_json::Value::Null };
+        let value = if on {
+            json!("ambient")
+        } else {
+            serde_json::Value::Null
+        };
         self.rt.block_on(api.patch(
             namespace,
             &PatchParams::default(),
@@ -503,7 +524,8 @@ impl LocalMesh {
             if Instant::now() > deadline {
                 bail!(
                     "pods in {namespace} not ready after {timeout:?}:\n{out}\n{}",
-                    self.kubectl(&["get", "events", "-n", namespace]).unwrap_or_default()
+                    self.kubectl(&["get", "events", "-n", namespace])
+                        .unwrap_or_default()
                 );
             }
             std::thread::sleep(Duration::from_millis(300));
@@ -531,12 +553,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
     let text = String::from_utf8_lossy(&raw);
     let code = text.get(9..12)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
@@ -553,7 +582,8 @@ impl Drop for LocalMesh {
         self.shutdown.cancel();
         let tasks = std::mem::take(&mut self.tasks);
         self.rt.block_on(async {
-            let _ = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks))
+                .await;
         });
         for n in &mut self.nodes {
             for p in [n.agent.take(), n.ztunnel.take()].into_iter().flatten() {
@@ -562,7 +592,9 @@ impl Drop for LocalMesh {
         }
         self.cp = None;
         // Anything a kubelet could not tear down.
-        if let Ok(left) = crate::topology::namespaces_with_prefix(&format!("{}-p", self.topo.prefix())) {
+        if let Ok(left) =
+            crate::topology::namespaces_with_prefix(&format!("{}-p", self.topo.prefix()))
+        {
             for name in left {
                 let _ = crate::netns::Netns::from_name(&name).delete();
                 let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&name));

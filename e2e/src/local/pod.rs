@@ -56,7 +56,10 @@ pub struct CniRecord {
 
 /// Where a node keeps the record of a pod.
 pub fn record_path(state_dir: &std::path::Path, namespace: &str, name: &str) -> PathBuf {
-    state_dir.join("pods").join(namespace).join(format!("{name}.json"))
+    state_dir
+        .join("pods")
+        .join(namespace)
+        .join(format!("{name}.json"))
 }
 
 struct SandboxRun {
@@ -168,7 +171,8 @@ impl PodRunner {
                     )
                     .await;
                     self.report_pending("ContainerCreating", &msg).await;
-                    let wait = Duration::from_millis(500 * (1u64 << attempt.min(5))).min(MAX_BACKOFF);
+                    let wait =
+                        Duration::from_millis(500 * (1u64 << attempt.min(5))).min(MAX_BACKOFF);
                     attempt += 1;
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -265,11 +269,15 @@ impl PodRunner {
                         if restart {
                             run.last = Some(term);
                             run.restarts += 1;
-                            let backoff = Duration::from_secs(1u64 << run.restarts.clamp(0, 4) as u64);
+                            let backoff =
+                                Duration::from_secs(1u64 << run.restarts.clamp(0, 4) as u64);
                             run.next_start = Instant::now() + backoff.min(MAX_BACKOFF);
                             run.state = State::Waiting {
                                 reason: "CrashLoopBackOff".into(),
-                                message: format!("back-off restarting failed container {}", run.spec.name),
+                                message: format!(
+                                    "back-off restarting failed container {}",
+                                    run.spec.name
+                                ),
                             };
                         } else {
                             run.state = term;
@@ -316,7 +324,13 @@ impl PodRunner {
         }
     }
 
-    fn start_container(&self, sb: &SandboxRun, pod: &Pod, run: &mut ContainerRun, span: &tracing::Span) {
+    fn start_container(
+        &self,
+        sb: &SandboxRun,
+        pod: &Pod,
+        run: &mut ContainerRun,
+        span: &tracing::Span,
+    ) {
         let rt = containers::Runtime {
             pod_ip: sb.ip.to_string(),
             host_ip: self.cfg.node_ip.to_string(),
@@ -431,7 +445,9 @@ impl PodRunner {
             .collect();
         let all_ready = !runs.is_empty() && runs.iter().all(|r| r.ready);
         let all_done = !runs.is_empty()
-            && runs.iter().all(|r| matches!(r.state, State::Terminated { .. }));
+            && runs
+                .iter()
+                .all(|r| matches!(r.state, State::Terminated { .. }));
         let phase = if all_done {
             if runs
                 .iter()
@@ -441,7 +457,10 @@ impl PodRunner {
             } else {
                 "Failed"
             }
-        } else if runs.iter().any(|r| matches!(r.state, State::Running { .. }) || r.restarts > 0) {
+        } else if runs
+            .iter()
+            .any(|r| matches!(r.state, State::Running { .. }) || r.restarts > 0)
+        {
             "Running"
         } else {
             "Pending"
@@ -507,7 +526,12 @@ fn state_json(s: &State) -> Value {
 /// Pod namespace name: the node's prefix plus the start of the pod uid
 /// (unique per pod, short enough for interface-name tooling).
 fn netns_name(cfg: &KubeletConfig, pod: &Pod) -> String {
-    let uid = pod.metadata.uid.as_deref().unwrap_or_default().replace('-', "");
+    let uid = pod
+        .metadata
+        .uid
+        .as_deref()
+        .unwrap_or_default()
+        .replace('-', "");
     format!("{}-{}", cfg.netns_prefix, &uid[..uid.len().min(12)])
 }
 
@@ -566,7 +590,10 @@ fn create_sandbox(cfg: &KubeletConfig, pod: &Pod, attempt: u32) -> Result<Sandbo
             // Pod hostname-to-IP entry, as the kubelet writes /etc/hosts.
             let _ = fs::write(
                 etc.join("hosts"),
-                format!("{hosts}{ip}\t{}\n", pod.metadata.name.as_deref().unwrap_or_default()),
+                format!(
+                    "{hosts}{ip}\t{}\n",
+                    pod.metadata.name.as_deref().unwrap_or_default()
+                ),
             );
             Ok(SandboxRun {
                 netns: ns,
@@ -658,7 +685,10 @@ async fn stop_all(runs: &mut [ContainerRun], grace: Duration) {
     let deadline = tokio::time::Instant::now() + grace;
     for run in runs.iter_mut() {
         if let Some(child) = run.child.as_mut() {
-            if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
+            if tokio::time::timeout_at(deadline, child.wait())
+                .await
+                .is_err()
+            {
                 let _ = nix::sys::signal::killpg(
                     nix::unistd::Pid::from_raw(run.pid as i32),
                     nix::sys::signal::Signal::SIGKILL,
@@ -691,7 +721,12 @@ fn readiness_target(c: &Container) -> Option<ProbeTarget> {
                 .and_then(|cp| u16::try_from(cp.container_port).ok()),
         }
     };
-    if let Some(Probe { http_get, tcp_socket, .. }) = &c.readiness_probe {
+    if let Some(Probe {
+        http_get,
+        tcp_socket,
+        ..
+    }) = &c.readiness_probe
+    {
         if let Some(h) = http_get {
             return resolve(&h.port).map(|port| ProbeTarget {
                 port,
