@@ -26,6 +26,8 @@ use kube::Client;
 pub struct KubeCluster {
     dir: PathBuf,
     kubeconfig: PathBuf,
+    /// The watchdog that stops the control plane if this process dies.
+    watchdog: u32,
 }
 
 static SHARED: OnceLock<Result<KubeCluster, String>> = OnceLock::new();
@@ -80,7 +82,7 @@ impl KubeCluster {
             up = up.display(),
             dir = dir.display()
         );
-        Command::new("sh")
+        let watchdog = Command::new("sh")
             .arg("-c")
             .arg(script)
             .stdin(Stdio::null())
@@ -92,11 +94,17 @@ impl KubeCluster {
         Ok(Self {
             kubeconfig: dir.join("kubeconfig"),
             dir,
+            watchdog: watchdog.id(),
         })
     }
 
     /// Stops the control plane and removes its directory.
     pub fn stop(&self) {
+        // The watchdog has its own process group; it is no longer needed.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.watchdog as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let up = scripts_dir().join("kube-up.sh");
         let _ = Command::new("bash")
             .arg(&up)

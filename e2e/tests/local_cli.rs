@@ -209,9 +209,76 @@ fn local_up_bookinfo_exec_curl_over_hbone_and_down_leaves_nothing() {
         "no mutual-TLS productpage connection in ztunnel metrics:\n{seen}"
     );
 
+    let pids = mesh_processes(&dir);
+    assert!(pids.len() > 10, "found the mesh's processes: {pids:?}");
     drop(guard);
-    let left = leftovers(&dir, &netns_before);
+    let mut left = leftovers(&dir, &netns_before);
+    left.extend(
+        pids.iter()
+            .filter(|p| running(**p))
+            .map(|p| format!("process {p}: {}", cmdline(*p))),
+    );
     assert!(left.is_empty(), "local down left: {left:?}");
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Alive and not a zombie waiting for its parent.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Every process of the running mesh: the supervisor, the pods' processes
+/// its kubelets recorded, and whatever names the state directory in its
+/// command line or environment (control plane, istiod-lite, ztunnels,
+/// agents).
+fn mesh_processes(dir: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    if let Ok(p) = std::fs::read_to_string(dir.join("supervisor.pid")) {
+        pids.extend(p.trim().parse::<u32>());
+    }
+    let needle = dir.to_string_lossy().into_owned();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if cmdline(pid).contains(&needle) || String::from_utf8_lossy(&env).contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    for node in std::fs::read_dir(dir.join("nodes"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for ns in std::fs::read_dir(node.path().join("pods"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for rec in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                let Ok(text) = std::fs::read(rec.path()) else {
+                    continue;
+                };
+                let Ok(r) = serde_json::from_slice::<e2e::local::pod::PodRecord>(&text) else {
+                    continue;
+                };
+                pids.extend(r.containers.iter().map(|(_, p)| *p).filter(|p| *p != 0));
+            }
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids.retain(|p| *p != std::process::id());
+    pids
 }
 
 /// `local down` also when an assertion failed.

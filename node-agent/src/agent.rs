@@ -1,6 +1,6 @@
 //! The agent's decisions and its record of the node's pods.
 //!
-//! Three inputs meet here: the CNI plugin's events (a pod's sandbox was set
+//! Three inputs meet here: the CNI plugin's events (a pod's network was set
 //! up or torn down; see [`crate::server`]), the API server's view of the
 //! node's pods and of every namespace (see [`crate::watch`]), and the
 //! periodic check. For each pod the agent decides whether it is in the mesh
@@ -300,7 +300,7 @@ pub struct PodRecord {
     pub name: String,
     /// The Kubernetes uid (a pod recreated under the same name differs).
     pub k8s_uid: String,
-    /// The sandbox the CNI plugin told us of.
+    /// The pod container (`CNI_CONTAINERID`) the CNI plugin told us of.
     pub container_id: Option<String>,
     /// Its network namespace, from the plugin or found by scanning.
     pub netns: Option<PathBuf>,
@@ -572,15 +572,18 @@ impl Agent {
                 pod: pod.clone(),
                 source,
             }),
-            Err(_) => Some(AgentError::ZtunnelTimeout {
-                pod: pod.clone(),
-                after: ZTUNNEL_ACK_TIMEOUT,
-            }),
+            Err(_) => {
+                self.ztunnel.disconnect().await;
+                Some(AgentError::ZtunnelTimeout {
+                    pod: pod.clone(),
+                    after: ZTUNNEL_ACK_TIMEOUT,
+                })
+            }
         };
         if let Some(e) = failure {
             // Fail closed for a new pod (the runtime retries the ADD); a
             // running pod keeps working uncaptured and is retried later.
-            let _ = self.ztunnel.remove_pod(&uid).await;
+            self.ztunnel_remove(&pod, &uid).await;
             let ns = netns.clone();
             if let Ok(Err(re)) = blocking(move || rules::remove(&ns)).await {
                 tracing::warn!(pod, error = %chain(&re), "cannot undo the capture rules");
@@ -593,14 +596,28 @@ impl Agent {
         Ok(())
     }
 
+    /// Tells ztunnel a pod is gone, within [`ZTUNNEL_ACK_TIMEOUT`]. The
+    /// pod is forgotten whatever ztunnel answers: a later snapshot does not
+    /// carry it, which removes it from ztunnel.
+    async fn ztunnel_remove(&self, pod: &str, uid: &str) {
+        match tokio::time::timeout(ZTUNNEL_ACK_TIMEOUT, self.ztunnel.remove_pod(uid)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(pod, error = %chain(&e), "ztunnel did not confirm the removal")
+            }
+            Err(_) => {
+                tracing::warn!(pod, "ztunnel did not answer the removal");
+                self.ztunnel.disconnect().await;
+            }
+        }
+    }
+
     /// Takes a pod out of ztunnel and (with `remove_rules`, when its
     /// namespace still exists) removes its rules.
     async fn release(&self, record: &mut PodRecord, remove_rules: bool) {
         let pod = record.display();
         let uid = workload_uid(&record.namespace, &record.name);
-        if let Err(e) = self.ztunnel.remove_pod(&uid).await {
-            tracing::warn!(pod, error = %chain(&e), "ztunnel did not confirm the removal");
-        }
+        self.ztunnel_remove(&pod, &uid).await;
         if let (true, Some(netns)) = (remove_rules, record.netns.clone()) {
             match blocking(move || rules::remove(&netns)).await {
                 Ok(Ok(())) => {}
@@ -702,7 +719,7 @@ impl Agent {
                 .map(|()| AddReply { captured: true })
         } else {
             if record.captured {
-                // A new sandbox of a pod that has left the mesh.
+                // A new pod container of a pod that has left the mesh.
                 self.release(&mut record, true).await;
             }
             tracing::info!(reason = %decision.reason(&key.0, &key.1), "pod is not in the mesh");
@@ -767,8 +784,8 @@ impl Agent {
         }
     }
 
-    /// `POST /cmddel`: the sandbox is gone; release and forget the pod.
-    /// A DEL of an older sandbox than the one recorded changes nothing.
+    /// `POST /cmddel`: the pod's network is gone; release and forget the pod.
+    /// A DEL of an older pod container than the one recorded changes nothing.
     pub async fn cni_del(&self, ev: &PodEvent) -> Result<(), AgentError> {
         let span =
             tracing::info_span!("cmddel", pod = %format!("{}/{}", ev.pod_namespace, ev.pod_name));
@@ -780,7 +797,7 @@ impl Agent {
             };
             let stale = matches!(&record.container_id, Some(c) if !ev.container_id.is_empty() && *c != ev.container_id);
             if stale {
-                tracing::info!(container = %ev.container_id, "DEL of an earlier sandbox; keeping the current one");
+                tracing::info!(container = %ev.container_id, "DEL of an earlier pod container; keeping the current one");
                 state.records.insert(key, record);
                 return;
             }
@@ -991,7 +1008,10 @@ impl Agent {
                 Ok(Err(e)) => {
                     tracing::error!(pod, error = %chain(&e), "ztunnel still does not take the pod")
                 }
-                Err(_) => tracing::error!(pod, "ztunnel did not answer about the pod"),
+                Err(_) => {
+                    tracing::error!(pod, "ztunnel did not answer about the pod");
+                    self.ztunnel.disconnect().await;
+                }
             }
             self.metrics.repair.failed.get_or_create(&label).inc();
             // A refused pod was forgotten by the ZDS server: the next

@@ -29,7 +29,7 @@ pub enum ZtunnelError {
         #[source]
         source: ZdsError,
     },
-    #[error("no ztunnel is connected (pod {uid} is recorded and sent when one connects)")]
+    #[error("no ztunnel is connected to take pod {uid}")]
     NotConnected { uid: String },
     #[error("opening the network namespace {path} of pod {uid}")]
     OpenNetns {
@@ -135,6 +135,18 @@ impl ZtunnelServer {
             .filter(|p| !acked.contains(&p.uid))
             .cloned()
             .collect()
+    }
+
+    /// Drops the current ztunnel connection. ztunnel reconnects and gets a
+    /// fresh snapshot: the way back to a known state after a request whose
+    /// answer was not waited for (a timeout), which would otherwise be read
+    /// as the answer to the next request.
+    pub async fn disconnect(&self) {
+        let mut current = self.inner.current.lock().await;
+        if current.is_some() {
+            tracing::warn!("dropping the ztunnel connection; it reconnects for a new snapshot");
+        }
+        self.inner.drop_current(&mut current);
     }
 
     /// Records a pod without telling ztunnel now: it is part of the snapshot
@@ -475,5 +487,24 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ZtunnelError::OpenNetns { .. }), "{err}");
         assert!(server.pods().is_empty());
+    }
+
+    #[tokio::test]
+    async fn disconnect_forces_a_new_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("z.sock");
+        let server = ZtunnelServer::bind(&sock).unwrap();
+        server.record_pod(&uid("a"), info("a"), Path::new(NETNS));
+        let first = ZdsClient::connect(&sock).await.unwrap();
+        assert_eq!(read_snapshot(&first).await, [uid("a")]);
+        wait_connected(&server, true).await;
+        server.disconnect().await;
+        assert!(!server.connected());
+        assert!(!server.acknowledged(&uid("a")));
+        assert!(first.next().await.is_err(), "the old connection is closed");
+        let second = ZdsClient::connect(&sock).await.unwrap();
+        assert_eq!(read_snapshot(&second).await, [uid("a")]);
+        wait_connected(&server, true).await;
+        assert!(server.acknowledged(&uid("a")));
     }
 }

@@ -272,7 +272,7 @@ fn settings() -> Settings {
 async fn plugin(command: &str, socket: &Path, netns: &Path, ns: &str, name: &str) -> (i32, String) {
     let env = [
         ("CNI_COMMAND", command.to_string()),
-        ("CNI_CONTAINERID", format!("sandbox-{name}")),
+        ("CNI_CONTAINERID", format!("container-{name}")),
         ("CNI_NETNS", netns.display().to_string()),
         ("CNI_IFNAME", "eth0".to_string()),
         ("CNI_PATH", "/opt/cni/bin".to_string()),
@@ -651,5 +651,57 @@ async fn the_periodic_check_repairs_rules_and_ztunnel() -> Result<()> {
         assert!(text.contains(want), "{want} in {text}");
     }
     drop(zt);
+    Ok(())
+}
+
+/// One raw HTTP/1.1 exchange over the plugin socket: status and body.
+async fn raw(socket: &Path, request: String) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(socket).await?;
+    s.write_all(request.as_bytes()).await?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .context("no status line")?
+        .parse()?;
+    Ok((
+        status,
+        text.split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string(),
+    ))
+}
+
+#[tokio::test]
+async fn malformed_requests_are_refused_with_a_reason() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Arc::new(FakeCluster::default());
+    let ztunnel = Arc::new(ZtunnelServer::bind(&dir.path().join("z.sock"))?);
+    let r = start(dir.path(), cluster, ztunnel)?;
+    let post = |path: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let (status, body) = raw(&r.socket, post("/cmdadd", "not json")).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a pod event"), "{body}");
+    let (status, _) = raw(&r.socket, post("/other", "{}")).await?;
+    assert_eq!(status, 404);
+    let (status, _) = raw(
+        &r.socket,
+        "GET /cmdadd HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".into(),
+    )
+    .await?;
+    assert_eq!(status, 405);
+    // A DEL of a pod never seen is fine (the runtime retries DELs).
+    let ev = json!({"containerId": "c", "netns": "", "ifname": "eth0",
+                    "podName": "x", "podNamespace": "y"});
+    let (status, body) = raw(&r.socket, post("/cmddel", &ev.to_string())).await?;
+    assert_eq!(status, 200, "{body}");
     Ok(())
 }

@@ -346,7 +346,7 @@ async fn a_pod_outside_the_mesh_is_remembered_not_captured() {
         .cni_check(&event("shop", "a", "c1", "/var/run/netns/x"))
         .await
         .unwrap();
-    // A DEL of another sandbox keeps the record; the current one's drops it.
+    // A DEL of another container keeps the record; the current one's drops it.
     agent.cni_del(&event("shop", "a", "c0", "")).await.unwrap();
     assert_eq!(agent.records().await.len(), 1);
     agent.cni_del(&event("shop", "a", "c1", "")).await.unwrap();
