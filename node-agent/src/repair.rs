@@ -5,8 +5,6 @@
 //! reinstalls what is missing, and says so in a log line naming the pod and
 //! in a metric.
 
-use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -14,7 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use crate::rules::{self, RuleOptions, RuleStatus};
-use crate::ztunnel::{EnrolledPod, ZtunnelServer};
+use crate::ztunnel::EnrolledPod;
 
 /// Labels of the repair counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,42 +92,6 @@ pub fn check_and_repair(pod: &EnrolledPod, options: &RuleOptions, m: &RepairMetr
             m.failed.get_or_create(&rules_label()).inc();
             tracing::error!(pod = %format!("{ns}/{name}"), missing = ?missing, error = %crate::agent::chain(&e), "capture rules damaged and could not be repaired");
             Outcome::Failed(e.to_string())
-        }
-    }
-}
-
-/// Checks every pod `server` has enrolled, every `interval`, until `stop`
-/// resolves.
-pub async fn run(
-    server: Arc<ZtunnelServer>,
-    options: RuleOptions,
-    metrics: RepairMetrics,
-    interval: Duration,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = &mut stop => return,
-        }
-        if !server.connected() {
-            tracing::warn!(
-                "no ztunnel connected: enrolled pods have no listeners until it comes back"
-            );
-        }
-        let pods = server.pods();
-        let (options, metrics) = (options.clone(), metrics.clone());
-        let checked = tokio::task::spawn_blocking(move || {
-            for p in &pods {
-                check_and_repair(p, &options, &metrics);
-            }
-        })
-        .await;
-        if let Err(e) = checked {
-            tracing::error!(error = %e, "rule check task failed");
         }
     }
 }
