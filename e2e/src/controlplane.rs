@@ -57,6 +57,7 @@ pub struct ControlPlane {
     forwarder: tokio::task::JoinHandle<()>,
     extra_env: Vec<(String, String)>,
     discovery_selector: bool,
+    kubeconfig: PathBuf,
 }
 
 /// How [`ControlPlane::start_with`] sets istiod-lite up.
@@ -67,6 +68,8 @@ pub struct ControlPlaneOptions {
     /// Scope istiod-lite to namespaces labelled with this run (tests sharing
     /// one API server); off for a mesh that owns its API server.
     pub unscoped: bool,
+    /// Credentials istiod-lite uses; default the admin's.
+    pub kubeconfig: Option<PathBuf>,
     pub extra_env: Vec<(String, String)>,
 }
 
@@ -132,6 +135,9 @@ impl ControlPlane {
             forwarder,
             extra_env: opts.extra_env,
             discovery_selector: !opts.unscoped,
+            kubeconfig: opts
+                .kubeconfig
+                .unwrap_or_else(|| kube.kubeconfig().to_path_buf()),
         };
         cp.launch(topo)?;
         Ok(cp)
@@ -140,7 +146,7 @@ impl ControlPlane {
     fn launch(&self, topo: &Topology) -> Result<()> {
         let bin = crate::app::binary("istiod-lite")?;
         let mut cmd = Command::new(bin);
-        cmd.env("KUBECONFIG", self.kube.kubeconfig())
+        cmd.env("KUBECONFIG", &self.kubeconfig)
             .env("GRPC_ADDR", format!("127.0.0.1:{}", self.grpc_port))
             .env("HTTP_ADDR", format!("127.0.0.1:{}", self.http_port))
             .env("POD_NAMESPACE", &self.istio_ns)

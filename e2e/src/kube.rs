@@ -116,6 +116,47 @@ impl KubeCluster {
             .status();
     }
 
+    /// Writes a kubeconfig at `path` that authenticates as the existing
+    /// ServiceAccount `namespace/sa` (a token for the API server's own
+    /// audience, valid `valid_for`), so that a component runs with exactly
+    /// the permissions its RBAC grants, as it would in a pod.
+    pub async fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        sa: &str,
+        path: &Path,
+        valid_for: std::time::Duration,
+    ) -> Result<()> {
+        let admin = Kubeconfig::read_from(&self.kubeconfig).context("reading the kubeconfig")?;
+        let cluster = admin
+            .clusters
+            .first()
+            .and_then(|c| c.cluster.clone())
+            .context("kubeconfig has no cluster")?;
+        let token = self
+            .token_request(
+                namespace,
+                sa,
+                "https://kubernetes.default.svc.cluster.local",
+                None,
+                valid_for.as_secs() as i64,
+            )
+            .await?;
+        let server = cluster.server.unwrap_or_default();
+        let ca = match (
+            cluster.certificate_authority,
+            cluster.certificate_authority_data,
+        ) {
+            (Some(file), _) => format!("certificate-authority: {file}"),
+            (None, Some(data)) => format!("certificate-authority-data: {data}"),
+            (None, None) => bail!("kubeconfig cluster has no certificate authority"),
+        };
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    {ca}\nusers:\n- name: {namespace}-{sa}\n  user:\n    token: {token}\ncontexts:\n- name: local\n  context:\n    cluster: local\n    user: {namespace}-{sa}\ncurrent-context: local\n"
+        );
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
     /// Path of the admin kubeconfig.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
@@ -225,10 +266,23 @@ impl KubeCluster {
             }
             None => None,
         };
+        self.token_request(namespace, sa, audience, bound, 3600)
+            .await
+    }
+
+    async fn token_request(
+        &self,
+        namespace: &str,
+        sa: &str,
+        audience: &str,
+        bound: Option<BoundObjectReference>,
+        expiration_seconds: i64,
+    ) -> Result<String> {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client().await?, namespace);
         let req = TokenRequest {
             spec: TokenRequestSpec {
                 audiences: vec![audience.to_string()],
-                expiration_seconds: Some(3600),
+                expiration_seconds: Some(expiration_seconds),
                 bound_object_ref: bound,
             },
             ..Default::default()

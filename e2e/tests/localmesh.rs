@@ -221,11 +221,15 @@ fn cni_chain_captures_mesh_pods_before_they_start_and_leaves_others_alone() {
         .unwrap();
 
     // The client's first connection went through its node's ztunnel.
-    wait_until(
-        "the early connection in ztunnel's metrics",
-        Duration::from_secs(20),
-        || (opened(&mesh, "node1", "source_workload=\"early\"") > 0).then(String::new),
-    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while opened(&mesh, "node1", "source_workload=\"early\"") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the early connection is not in ztunnel's metrics:\n{:?}",
+            mesh.ztunnel_get("node1", 15020, "/metrics")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     assert_eq!(annotation(&mesh, "mesh", "early"), "enabled");
     assert!(has_capture_rules(&mesh, "mesh", "early"));
 

@@ -5,7 +5,6 @@
 //! reinstalls what is missing, and says so in a log line naming the pod and
 //! in a metric.
 
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

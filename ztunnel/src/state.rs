@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use mesh_core::identity::Identity;
 use mesh_core::proto::security::Authorization;
@@ -271,6 +272,8 @@ pub struct ProxyState {
     /// Becomes true with the first full state. Until then no destination
     /// can be told apart from one outside the mesh, so connections wait.
     loaded: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Bumped on every change, for connections waiting for a workload.
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Default for ProxyState {
@@ -279,6 +282,7 @@ impl Default for ProxyState {
             inner: Default::default(),
             rr: Default::default(),
             loaded: Arc::new(tokio::sync::watch::channel(false).0),
+            generation: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
 }
@@ -615,6 +619,7 @@ impl ProxyState {
         }
         *self.inner.write().unwrap_or_else(|e| e.into_inner()) = next;
         self.loaded.send_replace(true);
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Apply part of the state in one step (one xDS response).
@@ -639,6 +644,8 @@ impl ProxyState {
                 .policies
                 .insert(format!("{}/{}", p.namespace, p.name), p);
         }
+        drop(inner);
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Identities of the HBONE workloads scheduled on `node`.
@@ -669,6 +676,24 @@ impl ProxyState {
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {
         self.read().workloads.get(uid).cloned()
+    }
+
+    /// The workload `uid`, waiting up to `timeout` for it to arrive. A pod
+    /// is handed to ztunnel (and may connect) before the control plane has
+    /// seen its address; its first connections wait for its own workload
+    /// so that they carry its name and labels like every later one.
+    pub async fn wait_for_workload(&self, uid: &str, timeout: Duration) -> Option<Arc<Workload>> {
+        let mut changes = self.generation.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(w) = self.workload_by_uid(uid) {
+                return Some(w);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
     }
 
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
@@ -947,6 +972,31 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         assert_eq!(seen, want);
+    }
+
+    #[tokio::test]
+    async fn connections_wait_for_their_own_workload_then_give_up() {
+        let st = state(&[]);
+        let late = wl("late", [10, 0, 0, 9], None, true);
+        let waiter = {
+            let st = st.clone();
+            tokio::spawn(async move { st.wait_for_workload("late", Duration::from_secs(30)).await })
+        };
+        tokio::task::yield_now().await;
+        let (snap, errs) = Snapshot::from_resources(&[late], &[]);
+        assert!(errs.is_empty());
+        st.apply_delta(Delta {
+            workloads: snap.workloads,
+            ..Default::default()
+        });
+        assert_eq!(
+            waiter.await.unwrap().map(|w| w.uid.clone()),
+            Some("late".to_string())
+        );
+        let none = st
+            .wait_for_workload("never", Duration::from_millis(50))
+            .await;
+        assert!(none.is_none());
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams};
+use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +37,28 @@ pub const ISTIO_NAMESPACE: &str = "istio-system";
 /// The cluster DNS Service IP every pod's resolv.conf names.
 pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// Lifetime of the components' ServiceAccount tokens.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The install manifests, in the order they apply.
+const MANIFESTS: [&str; 7] = [
+    "namespace.yaml",
+    "crds/istio.yaml",
+    "crds/gateway-api.yaml",
+    "gatewayclasses.yaml",
+    "istiod-lite.yaml",
+    "ztunnel.yaml",
+    "node-agent.yaml",
+];
+
+/// Workload kinds of the manifests that the local mesh runs as the nodes'
+/// static processes instead (see the module documentation).
+const RUN_NATIVELY: [&str; 2] = ["Deployment", "DaemonSet"];
+
+/// `manifests/` of the source tree.
+pub fn manifests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
+}
 
 /// What to bring up.
 #[derive(Debug, Clone)]
@@ -122,6 +145,24 @@ impl LocalMesh {
             shutdown: CancellationToken::new(),
             tasks: Vec::new(),
         };
+        mesh.apply_manifests()?;
+        let creds = mesh.spec.state_dir.join("credentials");
+        std::fs::create_dir_all(&creds)?;
+        // Each component authenticates as its own ServiceAccount, so the
+        // manifests' RBAC is what it runs with.
+        let istiod_kubeconfig = creds.join("istiod.kubeconfig");
+        mesh.rt.block_on(kube.service_account_kubeconfig(
+            ISTIO_NAMESPACE,
+            "istiod",
+            &istiod_kubeconfig,
+            TOKEN_LIFETIME,
+        ))?;
+        mesh.rt.block_on(kube.service_account_kubeconfig(
+            ISTIO_NAMESPACE,
+            "istio-cni",
+            &creds.join("istio-cni.kubeconfig"),
+            TOKEN_LIFETIME,
+        ))?;
         let cp = ControlPlane::start_with(
             &mesh.topo,
             &mesh.rt,
@@ -129,6 +170,7 @@ impl LocalMesh {
             ControlPlaneOptions {
                 istio_ns: Some(ISTIO_NAMESPACE.into()),
                 unscoped: true,
+                kubeconfig: Some(istiod_kubeconfig),
                 extra_env: vec![],
             },
         )?;
@@ -146,6 +188,47 @@ impl LocalMesh {
         }
         mesh.start_node_services()?;
         Ok(mesh)
+    }
+
+    /// Applies `manifests/`: CRDs, namespace, ServiceAccounts, RBAC,
+    /// Services and GatewayClasses; the Deployment and DaemonSets are the
+    /// processes this mesh starts itself.
+    fn apply_manifests(&self) -> Result<()> {
+        let dir = manifests_dir();
+        for (i, file) in MANIFESTS.iter().enumerate() {
+            let path = dir.join(file);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut docs = Vec::new();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let v = serde_yaml::Value::deserialize(doc)
+                    .with_context(|| format!("parsing {}", path.display()))?;
+                let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+                if v.is_null() || RUN_NATIVELY.contains(&kind) {
+                    continue;
+                }
+                docs.push(serde_yaml::to_string(&v)?);
+            }
+            if docs.is_empty() {
+                continue;
+            }
+            self.apply(&docs.join("---\n"))
+                .with_context(|| format!("applying {}", path.display()))?;
+            if file.starts_with("crds/")
+                && MANIFESTS
+                    .get(i + 1)
+                    .is_some_and(|n| !n.starts_with("crds/"))
+            {
+                self.kubectl(&[
+                    "wait",
+                    "--for=condition=Established",
+                    "crd",
+                    "--all",
+                    "--timeout=60s",
+                ])?;
+            }
+        }
+        Ok(())
     }
 
     pub fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -236,7 +319,10 @@ impl LocalMesh {
         let n = &self.nodes[i];
         let mut cmd = Command::new(bin);
         cmd.env("NODE_NAME", &n.name)
-            .env("KUBECONFIG", self.kube.kubeconfig())
+            .env(
+                "KUBECONFIG",
+                self.spec.state_dir.join("credentials/istio-cni.kubeconfig"),
+            )
             .env("PLUGIN_EVENT_SOCKET", &n.plugin_socket)
             .env("ZTUNNEL_SOCKET", &n.ztunnel_socket)
             .env("READINESS_ADDR", n.agent_readiness.to_string())

@@ -92,8 +92,11 @@ async fn stream_request(
         responder.reject(StatusCode::BAD_REQUEST);
         return;
     }
+    let dst_wl = pi
+        .state
+        .wait_for_workload(&pod.uid, super::LOCAL_WORKLOAD_WAIT)
+        .await;
     let src_wl = pi.state.workload_by_ip(&pod.network(&pi), peer.ip());
-    let dst_wl = pi.state.workload_by_uid(&pod.uid);
     let service = dst_wl
         .as_ref()
         .and_then(|w| pi.state.service_for_target(w, target.port()));

@@ -25,6 +25,11 @@ use mesh_core::identity::Identity;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::state::ProxyState;
+
+/// How long a pod's connection waits for the pod's own workload to reach
+/// the mesh state (it can be handed over before the control plane has
+/// seen its address); after that it goes on without it.
+pub(crate) const LOCAL_WORKLOAD_WAIT: Duration = Duration::from_secs(5);
 use crate::sys::Netns;
 
 pub const OUTBOUND_PORT: u16 = 15001;

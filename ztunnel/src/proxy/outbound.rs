@@ -41,6 +41,16 @@ pub async fn handle(pi: &Arc<ProxyInputs>, pod: &Arc<Pod>, stream: TcpStream, pe
             );
             return reset(stream);
         }
+        if pi
+            .state
+            .wait_for_workload(&pod.uid, super::LOCAL_WORKLOAD_WAIT)
+            .await
+            .is_none()
+        {
+            tracing::debug!(
+                "the pod's own workload is not in the mesh state yet; going on without it"
+            );
+        }
         let network = pod.network(pi);
         match pi.state.resolve(&network, dst) {
             Resolution::Upstream(up) if up.workload.protocol == Protocol::Hbone => {

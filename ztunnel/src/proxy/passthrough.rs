@@ -30,7 +30,10 @@ pub async fn handle(
             }
         };
         let network = pod.network(pi);
-        let dst_wl = pi.state.workload_by_uid(&pod.uid);
+        let dst_wl = pi
+            .state
+            .wait_for_workload(&pod.uid, super::LOCAL_WORKLOAD_WAIT)
+            .await;
         // Only this pod's own addresses are served here; anything else was
         // captured by mistake and must not be forwarded blindly.
         if let Some(w) = &dst_wl {
