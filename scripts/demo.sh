@@ -1,49 +1,84 @@
 #!/usr/bin/env bash
-# Runs the mesh locally on its control plane: builds ztunnel, istiod-lite and
-# the demo, makes sure the Kubernetes API server binaries exist, then starts
-# an API server and istiod-lite and brings up two nodes with pods, a service
-# VIP and an external host (network namespaces, as root). It walks through
-# the Kubernetes objects and what istiod-lite pushes over xDS, a request over
-# HBONE, ztunnel's view, its metrics, a live Service change, passthrough and
-# packet captures, and keeps everything up until Ctrl-C.
-#   scripts/demo.sh          # walk through, then wait for Ctrl-C
-#   scripts/demo.sh --once   # walk through and tear down
-# Everything it creates is removed on exit.
+# The main job: brings up the local mesh (a real Kubernetes control plane,
+# two nodes as network namespaces, istiod-lite, and ztunnel, the node agent,
+# the CNI chain and a kubelet on every node), installs Istio's Bookinfo and
+# curl samples, enrolls the namespace in ambient mode and walks through a
+# request from curl to productpage that crosses nodes over HBONE. The mesh
+# stays up afterwards for you to explore with kubectl and ambientctl.
+#   scripts/demo.sh               # up + walk through; leaves the mesh running
+#   scripts/demo.sh --down        # ... then stop it and remove everything
+#   scripts/demo.sh --walkthrough # the older, lower-level tour (mesh-demo)
+# Root is needed (network namespaces, nftables); sudo is used if you are not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
-for cmd in ip nft tcpdump; do
-  if ! command -v "$cmd" >/dev/null 2>&1; then
-    as_root scripts/install-deps.sh
-    break
-  fi
-done
-# The API server binaries are built once from Debian's source package and
-# cached (minutes the first time; it installs build tools, hence root).
-kube_bin=${KUBE_CACHE_DIR:-/var/cache/ambient-mesh/kube/v1.20.2/bin}
-# sudo drops the environment; the binaries' location must survive it.
-keep_env=()
-[ -n "${KUBE_CACHE_DIR:-}" ] && keep_env+=("KUBE_CACHE_DIR=$KUBE_CACHE_DIR")
-need_kube=0
-for b in kube-apiserver kube-controller-manager kube-scheduler; do
-  [ -x "$kube_bin/$b" ] || need_kube=1
-done
-for cmd in etcd kubectl openssl curl; do
-  command -v "$cmd" >/dev/null 2>&1 || need_kube=1
-done
-if [ "$need_kube" = 1 ]; then
-  echo "demo: building the Kubernetes control plane binaries (scripts/kube-build.sh)..." >&2
-  as_root env "${keep_env[@]}" scripts/kube-build.sh
-fi
+# System packages and the API server binaries (built once, then cached).
+as_root scripts/install-deps.sh
 target=${CARGO_TARGET_DIR:-target}
-cargo build -p ztunnel -p istiod-lite -p e2e --bins
+cargo build --workspace --bins
 bin_dir=$(cd "$target/debug" && pwd)
-run=("$bin_dir/mesh-demo" "$@")
-if [ "$(id -u)" != 0 ]; then
-  run=(sudo "MESH_BIN_DIR=$bin_dir" "${keep_env[@]}" "${run[@]}")
-else
-  export MESH_BIN_DIR=$bin_dir
+if [ "${1:-}" = "--walkthrough" ]; then
+  shift
+  as_root env MESH_BIN_DIR="$bin_dir" "$bin_dir/mesh-demo" "$@"
+  exit
 fi
-exec "${run[@]}"
+actl() { as_root "$bin_dir/ambientctl" "$@"; }
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "ambientctl local up"
+actl local up
+state=${AMBIENT_LOCAL_DIR:-/var/run/ambient-mesh/local}
+export KUBECONFIG=$state/kube/kubeconfig
+k() { as_root kubectl --kubeconfig "$KUBECONFIG" "$@"; }
+
+step "kubectl get nodes"
+k get nodes -o wide
+
+step "Install Bookinfo and curl (Istio's samples, unchanged)"
+k apply -f samples/bookinfo/bookinfo.yaml
+k apply -f samples/curl/curl.yaml
+k wait --for=condition=Available deployments --all -n default --timeout=180s
+k wait --for=condition=Ready pods --all -n default --timeout=180s
+k get pods -o wide
+
+step "Enroll the namespace: kubectl label namespace default istio.io/dataplane-mode=ambient"
+k label namespace default istio.io/dataplane-mode=ambient --overwrite
+# The node agents capture the running pods in place; no restart.
+for _ in $(seq 1 60); do
+  left=$(k get pods -n default -o jsonpath='{range .items[*]}{.metadata.annotations.ambient\.istio\.io/redirection}{"\n"}{end}' | grep -vc '^enabled$' || true)
+  [ "$left" = 0 ] && break
+  sleep 1
+done
+k get pods -n default -o custom-columns='POD:.metadata.name,NODE:.spec.nodeName,IP:.status.podIP,REDIRECTION:.metadata.annotations.ambient\.istio\.io/redirection'
+
+curl_pod=$(k get pods -l app=curl -o jsonpath='{.items[0].metadata.name}')
+step "ambientctl local exec $curl_pod -- curl -s http://productpage:9080/productpage"
+page=$(actl local exec "$curl_pod" -- curl -sS --max-time 10 http://productpage:9080/productpage)
+echo "$page" | grep -o '<title>.*</title>'
+echo "Reviews served by: $(echo "$page" | grep -A1 'Reviews served by' | grep -o '<u>[^<]*</u>' | head -1 | sed 's/<[^>]*>//g')"
+
+step "What ztunnel saw: TCP connections with mutual TLS (HBONE)"
+for node in node1 node2; do
+  ns=$(cat "$state/nodes/$node/netns")
+  as_root ip netns exec "$ns" curl -s http://127.0.0.1:15020/metrics \
+    | grep '^istio_tcp_connections_opened_total' | grep 'mutual_tls' \
+    | sed -E 's/.*source_workload="([^"]*)".*destination_workload="([^"]*)".*connection_security_policy="([^"]*)".*\} ([0-9]+)/'"$node"': \1 -> \2 (\3): \4/' | sort -u || true
+done
+
+if [ "${1:-}" = "--down" ]; then
+  step "ambientctl local down"
+  actl local down
+  exit 0
+fi
+cat <<EOT
+
+The local mesh keeps running. Try:
+  export KUBECONFIG=$KUBECONFIG
+  kubectl get pods -o wide
+  sudo $bin_dir/ambientctl local exec $curl_pod -- curl -s http://reviews:9080/reviews/0
+  sudo $bin_dir/ambientctl local status
+Stop it and remove everything:
+  sudo $bin_dir/ambientctl local down
+EOT
