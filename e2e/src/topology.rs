@@ -693,7 +693,13 @@ impl Topology {
         ns.ip_batch(&[
             format!("addr add {ip}/24 dev eth0"),
             "link set eth0 up".into(),
-            "link add cni0 type bridge".into(),
+            // A fixed address: a bridge otherwise takes the lowest address
+            // of its ports and changes it as pods come and go, which CNI
+            // CHECK (rightly) reports as a changed interface.
+            format!(
+                "link add cni0 address 0a:58:0a:f4:{:02x}:01 type bridge",
+                index
+            ),
             format!(
                 "addr add {}/{} dev cni0",
                 gateway_of(pod_cidr),
