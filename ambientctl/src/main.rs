@@ -1,9 +1,15 @@
 //! `ambientctl`: the mesh's command-line tool, with `istioctl`'s verbs where
-//! they exist. Today: `local` (the local mesh: up, down, status, exec).
+//! they exist: `local` (the local mesh: up, down, status, exec), `zc` /
+//! `ztunnel-config` (a ztunnel's view), `label namespace` (enrollment) and
+//! `precheck` (is the cluster or local mesh ready for the mesh).
 
 #![forbid(unsafe_code)]
 
+mod kubeclient;
+mod label;
 mod local;
+mod precheck;
+mod zc;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +29,14 @@ enum Command {
     /// The local mesh: a real Kubernetes control plane, nodes and pods as
     /// network namespaces, istiod-lite, ztunnel and the node agent per node.
     Local(local::LocalArgs),
+    /// Inspect a ztunnel: its workloads, services, policies, certificates
+    /// and connections (istioctl's `ztunnel-config`).
+    #[command(name = "zc", visible_alias = "ztunnel-config")]
+    Zc(zc::ZcArgs),
+    /// Add or remove labels that enroll objects in the mesh.
+    Label(label::LabelArgs),
+    /// Check that the cluster (or the local mesh) is ready for the mesh.
+    Precheck(precheck::PrecheckArgs),
 }
 
 fn main() {
@@ -36,6 +50,11 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Local(args) => local::run(args),
+        // These errors are one-line messages that already name their
+        // cause; printing the source chain again would repeat it.
+        Command::Zc(args) => zc::run(args).map_err(|e| anyhow::anyhow!("{e}")),
+        Command::Label(args) => label::run(args).map_err(|e| anyhow::anyhow!("{e}")),
+        Command::Precheck(args) => precheck::run(args).map_err(|e| anyhow::anyhow!("{e}")),
     };
     std::process::exit(match code {
         Ok(code) => code,
@@ -44,4 +63,59 @@ fn main() {
             1
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parses(args: &[&str]) -> bool {
+        Cli::try_parse_from(std::iter::once("ambientctl").chain(args.iter().copied())).is_ok()
+    }
+
+    /// The istioctl spellings users already type.
+    #[test]
+    fn command_line_surface() {
+        assert!(parses(&["zc", "workload", "ztunnel-node1"]));
+        assert!(parses(&[
+            "ztunnel-config",
+            "workloads",
+            "ztunnel-abc.istio-system",
+            "-o",
+            "json"
+        ]));
+        assert!(parses(&[
+            "zc",
+            "w",
+            "--workloads-namespace",
+            "bookinfo",
+            "--address",
+            "10.0.0.1"
+        ]));
+        assert!(parses(&[
+            "zc",
+            "-n",
+            "kube-system",
+            "service",
+            "--workload-namespace",
+            "x"
+        ]));
+        assert!(parses(&["zc", "svc", "--node", "node2", "-o", "yaml"]));
+        assert!(parses(&["zc", "policy", "-o", "short"]));
+        assert!(parses(&["zc", "certificate", "--kubeconfig", "/k"]));
+        assert!(parses(&[
+            "zc",
+            "connections",
+            "--direction",
+            "inbound",
+            "--raw"
+        ]));
+        assert!(parses(&["zc", "all", "-f", "dump.json"]));
+        assert!(!parses(&["zc", "connections", "--direction", "sideways"]));
+        assert!(!parses(&["zc", "workload", "-o", "wide"]));
+        assert!(parses(&["label", "namespace", "bookinfo"]));
+        assert!(parses(&["label", "ns", "bookinfo", "--remove"]));
+        assert!(parses(&["precheck"]));
+        assert!(parses(&["precheck", "-i", "mesh-system"]));
+    }
 }

@@ -1,7 +1,7 @@
 //! istiod-lite's configuration, read once at start from the environment
 //! (names follow istiod's where one exists: `CLUSTER_ID`, `TRUST_DOMAIN`,
 //! `POD_NAMESPACE`, `CA_TRUSTED_NODE_ACCOUNTS`, `XDS_AUTH`,
-//! `DEFAULT_WORKLOAD_CERT_TTL`, `MAX_WORKLOAD_CERT_TTL`).
+//! `DEFAULT_WORKLOAD_CERT_TTL`, `MAX_WORKLOAD_CERT_TTL`, `ROOT_NAMESPACE`).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -57,6 +57,9 @@ pub struct Config {
     pub domain_suffix: String,
     /// Namespace istiod-lite runs in: where its CA Secret lives.
     pub namespace: String,
+    /// Istio's root namespace (`ROOT_NAMESPACE`, default `istio-system`):
+    /// security policies there apply mesh-wide.
+    pub root_namespace: String,
     /// Plug-in CA files, used when `ca-cert.pem` is present there.
     pub cacerts_dir: PathBuf,
     /// Without Kubernetes, the self-signed root is persisted here.
@@ -166,6 +169,10 @@ impl Config {
             namespace: env
                 .var("POD_NAMESPACE")
                 .unwrap_or_else(|| "istio-system".into()),
+            root_namespace: env
+                .var("ROOT_NAMESPACE")
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "istio-system".into()),
             cacerts_dir: PathBuf::from(
                 env.var("CACERTS_DIR")
                     .unwrap_or_else(|| "/etc/cacerts".into()),
@@ -204,6 +211,9 @@ mod tests {
     fn defaults_and_errors() {
         let c = Config::from_env(&[("CLUSTER_ID", "c1")]).unwrap();
         assert_eq!(c.source, Source::Kubernetes);
+        assert_eq!(c.root_namespace, "istio-system");
+        let r = Config::from_env(&[("ROOT_NAMESPACE", "mesh-root")]).unwrap();
+        assert_eq!(r.root_namespace, "mesh-root");
         assert_eq!(c.grpc_addr.port(), 15012);
         assert_eq!(
             c.trusted_node_accounts,

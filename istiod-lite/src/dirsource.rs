@@ -3,8 +3,11 @@
 //! The offline alternative to `kubesource.rs`, upstream of the translator:
 //! every `*.yaml`, `*.yml` and `*.json` file in one folder (not recursive) is
 //! read as Kubernetes manifests — multi-document YAML, `kind: List` expanded —
-//! and the Namespaces, Pods and Services in them become translator
-//! [`Event`]s. Nothing else sets pod status here, so pods carry their own
+//! and the Namespaces, Pods and Services in them, and the
+//! `security.istio.io` (v1 or v1beta1) AuthorizationPolicies and
+//! PeerAuthentications, become translator [`Event`]s. The spec of a security
+//! policy is validated by the translator, which reports a bad field with its
+//! path and ignores that policy (a broken policy is not a broken file). Nothing else sets pod status here, so pods carry their own
 //! `status` (podIP, phase, conditions) in the files.
 //!
 //! The folder is polled. Each scan reports only what changed since the
@@ -24,7 +27,7 @@ use mesh_core::drain;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::translate::Event;
+use crate::translate::{Event, PolicyObject};
 
 /// How often [`DirSource::run`] rescans the folder.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -157,6 +160,8 @@ enum Object {
     Namespace(Box<Namespace>),
     Service(Box<Service>),
     Pod(Box<Pod>),
+    AuthorizationPolicy(Box<PolicyObject>),
+    PeerAuthentication(Box<PolicyObject>),
 }
 
 /// (kind rank, namespace, name).
@@ -168,6 +173,8 @@ impl Object {
             Object::Namespace(o) => (0, &o.metadata),
             Object::Service(o) => (1, &o.metadata),
             Object::Pod(o) => (2, &o.metadata),
+            Object::AuthorizationPolicy(o) => return (3, o.namespace.clone(), o.name.clone()),
+            Object::PeerAuthentication(o) => return (4, o.namespace.clone(), o.name.clone()),
         };
         (
             rank,
@@ -181,6 +188,8 @@ impl Object {
             Object::Namespace(o) => Event::Namespace(*o),
             Object::Service(o) => Event::Service(*o),
             Object::Pod(o) => Event::Pod(*o),
+            Object::AuthorizationPolicy(o) => Event::AuthorizationPolicy(*o),
+            Object::PeerAuthentication(o) => Event::PeerAuthentication(*o),
         }
     }
 }
@@ -189,7 +198,9 @@ fn deleted((rank, namespace, name): ObjKey) -> Event {
     match rank {
         0 => Event::NamespaceDeleted(name),
         1 => Event::ServiceDeleted { namespace, name },
-        _ => Event::PodDeleted { namespace, name },
+        2 => Event::PodDeleted { namespace, name },
+        3 => Event::AuthorizationPolicyDeleted { namespace, name },
+        _ => Event::PeerAuthenticationDeleted { namespace, name },
     }
 }
 
@@ -304,7 +315,7 @@ impl DirSource {
                 events.push(obj.clone().upsert());
             }
         }
-        // Pods and services before their namespace.
+        // Policies, pods and services before their namespace.
         for key in self.view.keys().rev() {
             if !view.contains_key(key) {
                 events.push(deleted(key.clone()));
@@ -479,6 +490,14 @@ fn parse_object(
             at,
         });
     };
+    let security = matches!(
+        api_version,
+        "security.istio.io/v1" | "security.istio.io/v1beta1"
+    ) && matches!(kind, "AuthorizationPolicy" | "PeerAuthentication");
+    if security {
+        let kind = kind.to_string();
+        return parse_policy(path, at, &kind, value).map(Some);
+    }
     if api_version != "v1" || !matches!(kind, "Namespace" | "Pod" | "Service") {
         return Ok(None);
     }
@@ -506,6 +525,8 @@ fn parse_object(
         }
         Object::Pod(o) => default_namespace(&mut o.metadata),
         Object::Service(o) => default_namespace(&mut o.metadata),
+        // Built by `parse_policy`, never here.
+        Object::AuthorizationPolicy(_) | Object::PeerAuthentication(_) => return Ok(Some(obj)),
     };
     if meta.name.as_deref().is_none_or(str::is_empty) {
         return Err(DirError::MissingName {
@@ -515,6 +536,48 @@ fn parse_object(
         });
     }
     Ok(Some(obj))
+}
+
+/// An AuthorizationPolicy or PeerAuthentication: metadata checked here,
+/// `spec` kept as written for the translator to validate.
+fn parse_policy(
+    path: &Path,
+    at: Location,
+    kind: &str,
+    value: serde_yaml::Value,
+) -> Result<Object, DirError> {
+    let field_err = |field: String, source: serde_yaml::Error| DirError::Field {
+        path: path.to_path_buf(),
+        at,
+        kind: kind.to_string(),
+        field,
+        source,
+    };
+    let meta: ObjectMeta = match value.get("metadata") {
+        None | Some(serde_yaml::Value::Null) => ObjectMeta::default(),
+        Some(m) => serde_path_to_error::deserialize(m.clone())
+            .map_err(|e| field_err(format!("metadata.{}", e.path()), e.into_inner()))?,
+    };
+    let spec = match value.get("spec") {
+        None => serde_json::Value::Null,
+        // YAML allows keys JSON cannot carry (numbers, lists); the API
+        // server would refuse them as well.
+        Some(s) => serde_json::to_value(s).map_err(|e| {
+            field_err(
+                "spec".to_string(),
+                <serde_yaml::Error as serde::de::Error>::custom(e),
+            )
+        })?,
+    };
+    let obj = PolicyObject::new(&meta, spec).ok_or_else(|| DirError::MissingName {
+        path: path.to_path_buf(),
+        at,
+        kind: kind.to_string(),
+    })?;
+    Ok(match kind {
+        "AuthorizationPolicy" => Object::AuthorizationPolicy(Box::new(obj)),
+        _ => Object::PeerAuthentication(Box::new(obj)),
+    })
 }
 
 #[cfg(test)]
@@ -543,7 +606,8 @@ mod tests {
             keys,
             [
                 (0, String::new(), "a".to_string()),
-                (2, "default".to_string(), "p".to_string())
+                (2, "default".to_string(), "p".to_string()),
+                (3, "default".to_string(), "x".to_string())
             ]
         );
     }
@@ -591,6 +655,44 @@ mod tests {
         assert!(matches!(e, DirError::Yaml { .. }), "{e:?}");
         let e = parse("apiVersion: v1\nkind: List\nitems: 3\n").unwrap_err();
         assert!(matches!(e, DirError::BadList { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn security_policies_of_both_versions() {
+        let objs = parse(
+            "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\n\
+             metadata: {name: ap, namespace: n, annotations: {istio.io/dry-run: \"true\"}}\n\
+             spec: {action: DENY, rules: [{to: [{operation: {ports: [\"80\"]}}]}]}\n\
+             ---\n\
+             apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+             metadata: {name: pa}\nspec: {mtls: {mode: STRICT}}\n\
+             ---\n\
+             apiVersion: security.istio.io/v2\nkind: AuthorizationPolicy\nmetadata: {name: later}\n\
+             ---\n\
+             apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt}\n",
+        )
+        .unwrap();
+        let [Object::AuthorizationPolicy(ap), Object::PeerAuthentication(pa)] = objs.as_slice()
+        else {
+            panic!("{objs:?}")
+        };
+        assert_eq!((ap.namespace.as_str(), ap.name.as_str()), ("n", "ap"));
+        assert_eq!(ap.annotations["istio.io/dry-run"], "true");
+        assert_eq!(ap.spec["rules"][0]["to"][0]["operation"]["ports"][0], "80");
+        assert_eq!((pa.namespace.as_str(), pa.name.as_str()), ("default", "pa"));
+        assert_eq!(objs[1].key().0, 4);
+
+        let e = parse(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, labels: 3}\n",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, DirError::Field { field, kind, .. } if field == "metadata.labels" && kind == "AuthorizationPolicy"),
+            "{e:?}"
+        );
+        let e = parse("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nspec: {}\n")
+            .unwrap_err();
+        assert!(matches!(e, DirError::MissingName { .. }), "{e:?}");
     }
 
     #[test]

@@ -1,5 +1,11 @@
-//! The Kubernetes source: watches Namespaces, Pods and Services on the API
-//! server and feeds them to the translator as [`Event`]s.
+//! The Kubernetes source: watches Namespaces, Pods and Services, and the
+//! `security.istio.io/v1` AuthorizationPolicies and PeerAuthentications, on
+//! the API server and feeds them to the translator as [`Event`]s.
+//!
+//! The Istio kinds are CustomResources that may not be installed yet: while
+//! their CRD is missing the watch does not hold readiness (the mesh works
+//! without policies) and keeps checking every few seconds; once it exists
+//! its first full list is waited for like any other kind.
 //!
 //! It is the control plane's only view of the cluster, upstream of every
 //! Workload API push. Watches are kube-runtime watchers (list, then watch,
@@ -9,9 +15,11 @@
 
 use std::collections::HashSet;
 use std::fmt::Debug;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use kube::runtime::watcher::{self, Event as WatchEvent};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -20,7 +28,14 @@ use mesh_core::readiness::BlockReady;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use crate::translate::Event;
+use crate::translate::{Event, PolicyObject};
+
+/// How often a missing Istio CRD is looked for again.
+const CRD_RETRY: Duration = Duration::from_secs(10);
+
+/// API group and version of the Istio security kinds.
+const SECURITY_GROUP: &str = "security.istio.io";
+const SECURITY_VERSION: &str = "v1";
 
 /// Errors of the Kubernetes source.
 #[derive(Debug, thiserror::Error)]
@@ -31,18 +46,76 @@ pub enum KubeSourceError {
 }
 
 /// Which object kind a watch reports, and how to turn it into events.
-trait Kind:
-    Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
-{
+trait Kind: Clone + Debug + Send + Sync + 'static {
     const NAME: &'static str;
-    fn key(&self) -> (String, String) {
-        (self.namespace().unwrap_or_default(), self.name_any())
-    }
+    fn key(&self) -> (String, String);
     fn upsert(self) -> Event;
     fn deleted(key: (String, String)) -> Event;
 }
 
+/// A built-in kind watched with its own typed API.
+trait BuiltinKind: Kind + Resource<DynamicType = ()> + DeserializeOwned {}
+
+impl<K: Kind + Resource<DynamicType = ()> + DeserializeOwned> BuiltinKind for K {}
+
+fn meta_key(meta: &kube::api::ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// An AuthorizationPolicy as the dynamic API returns it.
+#[derive(Debug, Clone)]
+struct AuthzPolicy(DynamicObject);
+
+/// A PeerAuthentication as the dynamic API returns it.
+#[derive(Debug, Clone)]
+struct PeerAuthn(DynamicObject);
+
+fn policy_object(o: &DynamicObject) -> Option<PolicyObject> {
+    let spec = o.data.get("spec").cloned().unwrap_or_default();
+    PolicyObject::new(&o.metadata, spec)
+}
+
+impl Kind for AuthzPolicy {
+    const NAME: &'static str = "authorizationpolicies";
+    fn key(&self) -> (String, String) {
+        meta_key(&self.0.metadata)
+    }
+    fn upsert(self) -> Event {
+        match policy_object(&self.0) {
+            Some(p) => Event::AuthorizationPolicy(p),
+            // The API server never returns a nameless object; if it did,
+            // nothing can refer to it.
+            None => Self::deleted(self.key()),
+        }
+    }
+    fn deleted((namespace, name): (String, String)) -> Event {
+        Event::AuthorizationPolicyDeleted { namespace, name }
+    }
+}
+
+impl Kind for PeerAuthn {
+    const NAME: &'static str = "peerauthentications";
+    fn key(&self) -> (String, String) {
+        meta_key(&self.0.metadata)
+    }
+    fn upsert(self) -> Event {
+        match policy_object(&self.0) {
+            Some(p) => Event::PeerAuthentication(p),
+            None => Self::deleted(self.key()),
+        }
+    }
+    fn deleted((namespace, name): (String, String)) -> Event {
+        Event::PeerAuthenticationDeleted { namespace, name }
+    }
+}
+
 impl Kind for Namespace {
+    fn key(&self) -> (String, String) {
+        (self.namespace().unwrap_or_default(), self.name_any())
+    }
     const NAME: &'static str = "namespaces";
     fn upsert(self) -> Event {
         Event::Namespace(self)
@@ -53,6 +126,9 @@ impl Kind for Namespace {
 }
 
 impl Kind for Pod {
+    fn key(&self) -> (String, String) {
+        (self.namespace().unwrap_or_default(), self.name_any())
+    }
     const NAME: &'static str = "pods";
     fn upsert(self) -> Event {
         Event::Pod(self)
@@ -63,6 +139,9 @@ impl Kind for Pod {
 }
 
 impl Kind for Service {
+    fn key(&self) -> (String, String) {
+        (self.namespace().unwrap_or_default(), self.name_any())
+    }
     const NAME: &'static str = "services";
     fn upsert(self) -> Event {
         Event::Service(self)
@@ -133,14 +212,23 @@ impl<K: Kind> Tracker<K> {
     }
 }
 
-fn watch<K: Kind>(client: Client) -> impl Stream<Item = (Vec<Event>, bool)> + Send {
+fn watch<K: BuiltinKind>(client: Client) -> impl Stream<Item = (Vec<Event>, bool)> + Send {
     let api: Api<K> = Api::all(client);
+    track::<K, K>(api, |o| o)
+}
+
+/// Runs a watcher over `api`, wrapping each object into the kind `K`.
+fn track<O, K>(api: Api<O>, wrap: fn(O) -> K) -> impl Stream<Item = (Vec<Event>, bool)> + Send
+where
+    O: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K: Kind,
+{
     let mut tracker = Tracker::<K>::new();
     watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .filter_map(move |r| {
             let out = match r {
-                Ok(ev) => Some(tracker.on_event(ev)),
+                Ok(ev) => Some(tracker.on_event(map_event(ev, wrap))),
                 Err(e) => {
                     // The watcher retries by itself (with backoff); the
                     // last good view keeps serving meanwhile.
@@ -150,6 +238,69 @@ fn watch<K: Kind>(client: Client) -> impl Stream<Item = (Vec<Event>, bool)> + Se
             };
             futures::future::ready(out)
         })
+}
+
+fn map_event<A, B>(ev: WatchEvent<A>, f: fn(A) -> B) -> WatchEvent<B> {
+    match ev {
+        WatchEvent::Apply(o) => WatchEvent::Apply(f(o)),
+        WatchEvent::Delete(o) => WatchEvent::Delete(f(o)),
+        WatchEvent::Init => WatchEvent::Init,
+        WatchEvent::InitApply(o) => WatchEvent::InitApply(f(o)),
+        WatchEvent::InitDone => WatchEvent::InitDone,
+    }
+}
+
+/// Watches an Istio kind once its CRD is served. While the API answers
+/// "not found" (CRD not installed) or "forbidden" (no RBAC for it), one
+/// `(empty, true)` item says "listed, nothing there" so readiness does not
+/// wait for a kind that may never come, and the API is asked again every
+/// [`CRD_RETRY`]; then the normal watch takes over.
+fn watch_crd<K: Kind>(
+    client: Client,
+    kind: &str,
+    plural: &str,
+    wrap: fn(DynamicObject) -> K,
+) -> impl Stream<Item = (Vec<Event>, bool)> + Send {
+    let gvk = GroupVersionKind::gvk(SECURITY_GROUP, SECURITY_VERSION, kind);
+    let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let probe_api = api.clone();
+    // State: Some(released readiness already?) while probing, None once the
+    // kind is served.
+    let probe = futures::stream::unfold(Some(false), move |state| {
+        let api = probe_api.clone();
+        async move {
+            let mut released = state?;
+            loop {
+                match api.list(&ListParams::default().limit(1)).await {
+                    Ok(_) => {
+                        if released {
+                            tracing::info!(kind = K::NAME, "CRD now served; watching");
+                        }
+                        return Some((None, None));
+                    }
+                    Err(kube::Error::Api(s)) if s.is_not_found() || s.code == 403 => {
+                        if !released {
+                            tracing::warn!(
+                                kind = K::NAME,
+                                error = %s,
+                                "Istio CRD not served (not installed or not allowed); \
+                                 running without it and checking again"
+                            );
+                            released = true;
+                            return Some((Some((Vec::new(), true)), Some(released)));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(kind = K::NAME, error = %e, "listing failed; retrying");
+                    }
+                }
+                tokio::time::sleep(CRD_RETRY).await;
+            }
+        }
+    })
+    .filter_map(futures::future::ready);
+    probe.chain(track::<DynamicObject, K>(api, wrap))
 }
 
 /// Watches the cluster until drained. Batches go to `sink`; `ready` is
@@ -167,9 +318,27 @@ pub async fn run(
     let mut all = futures::stream::select_all([
         tagged(0, Box::pin(watch::<Namespace>(client.clone()))),
         tagged(1, Box::pin(watch::<Pod>(client.clone()))),
-        tagged(2, Box::pin(watch::<Service>(client))),
+        tagged(2, Box::pin(watch::<Service>(client.clone()))),
+        tagged(
+            3,
+            Box::pin(watch_crd(
+                client.clone(),
+                "AuthorizationPolicy",
+                "authorizationpolicies",
+                AuthzPolicy,
+            )),
+        ),
+        tagged(
+            4,
+            Box::pin(watch_crd(
+                client,
+                "PeerAuthentication",
+                "peerauthentications",
+                PeerAuthn,
+            )),
+        ),
     ]);
-    let mut listed = [false; 3];
+    let mut listed = [false; 5];
     let mut ready = Some(ready);
     loop {
         tokio::select! {
@@ -181,7 +350,7 @@ pub async fn run(
                 if done && !listed[i] {
                     listed[i] = true;
                     if listed.iter().all(|l| *l) {
-                        tracing::info!("kubernetes namespaces, pods and services listed");
+                        tracing::info!("kubernetes namespaces, pods, services and security policies listed");
                         ready.take();
                     }
                 }
@@ -216,6 +385,36 @@ mod tests {
                 _ => "?".into(),
             })
             .collect()
+    }
+
+    #[test]
+    fn istio_objects_become_policy_events() {
+        let o: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"namespace": "a", "name": "p",
+                         "creationTimestamp": "2025-01-02T03:04:05Z"},
+            "spec": {"action": "DENY"}
+        }))
+        .unwrap();
+        let mut t = Tracker::<AuthzPolicy>::new();
+        let (b, _) = t.on_event(WatchEvent::Apply(AuthzPolicy(o.clone())));
+        let [Event::AuthorizationPolicy(p)] = b.as_slice() else {
+            panic!("{b:?}")
+        };
+        assert_eq!((p.namespace.as_str(), p.name.as_str()), ("a", "p"));
+        assert_eq!(p.spec["action"], "DENY");
+        assert_eq!(
+            p.creation_timestamp.as_deref(),
+            Some("2025-01-02T03:04:05Z")
+        );
+        let (b, _) = t.on_event(WatchEvent::Delete(AuthzPolicy(o.clone())));
+        assert!(matches!(
+            b.as_slice(),
+            [Event::AuthorizationPolicyDeleted { namespace, name }] if namespace == "a" && name == "p"
+        ));
+        let b = PeerAuthn(o).upsert();
+        assert!(matches!(b, Event::PeerAuthentication(_)), "{b:?}");
     }
 
     #[test]

@@ -153,6 +153,7 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
         network: cfg.network.clone(),
         domain_suffix: cfg.domain_suffix.clone(),
         discovery_selector: cfg.discovery_selector.clone(),
+        root_namespace: cfg.root_namespace.clone(),
     }));
     let store = ResourceStore::new();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use mesh_core::drain;
-use mesh_core::proto::ADDRESS_TYPE_URL;
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use mesh_core::xds::server::ResourceStore;
 use pbjson_types::Any;
 use prost::Message;
@@ -53,18 +53,48 @@ impl NodeLookup for SharedTranslator {
     }
 }
 
-/// Encodes translator output into the store in one batch.
+/// Encodes translator output into the store: new and changed
+/// `Authorization`s first, then addresses, then removed `Authorization`s, so
+/// a workload never names a policy the proxies have not been sent yet, and
+/// a policy is withdrawn only after the workloads stopped naming it.
+/// Returns the number of resources written.
 pub fn publish(store: &ResourceStore, changes: Changes) -> Result<usize, PushError> {
-    let upserts = changes.upserts.into_iter().map(|(name, addr)| {
-        (
-            name,
-            Any {
-                type_url: ADDRESS_TYPE_URL.to_string(),
-                value: addr.encode_to_vec().into(),
-            },
-        )
-    });
-    Ok(store.apply(ADDRESS_TYPE_URL, upserts, changes.removes)?)
+    let mut n = 0;
+    if !changes.policy_upserts.is_empty() {
+        n += store.apply(
+            AUTHORIZATION_TYPE_URL,
+            changes
+                .policy_upserts
+                .into_iter()
+                .map(|(name, p)| (name, pack(AUTHORIZATION_TYPE_URL, &p))),
+            Vec::new(),
+        )?;
+    }
+    if !changes.upserts.is_empty() || !changes.removes.is_empty() {
+        n += store.apply(
+            ADDRESS_TYPE_URL,
+            changes
+                .upserts
+                .into_iter()
+                .map(|(name, a)| (name, pack(ADDRESS_TYPE_URL, &a))),
+            changes.removes,
+        )?;
+    }
+    if !changes.policy_removes.is_empty() {
+        n += store.apply(
+            AUTHORIZATION_TYPE_URL,
+            std::iter::empty(),
+            changes.policy_removes,
+        )?;
+    }
+    Ok(n)
+}
+
+fn pack(type_url: &str, m: &impl Message) -> Any {
+    Any {
+        type_url: type_url.to_string(),
+        value: m.encode_to_vec().into(),
+    }
 }
 
 /// Asks [`run`] to confirm once everything queued before the request is in
@@ -119,7 +149,7 @@ pub async fn run(
             );
             c
         };
-        if !changes.upserts.is_empty() || !changes.removes.is_empty() {
+        if !changes.is_empty() {
             publish(&store, changes)?;
         }
         if let Some(reply) = reply {

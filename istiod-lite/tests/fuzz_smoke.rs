@@ -39,6 +39,8 @@ fn event_key(ev: &Event) -> (u8, String, String) {
         Event::Namespace(o) => (0, &o.metadata),
         Event::Service(o) => (1, &o.metadata),
         Event::Pod(o) => (2, &o.metadata),
+        Event::AuthorizationPolicy(o) => return (3, o.namespace.clone(), o.name.clone()),
+        Event::PeerAuthentication(o) => return (4, o.namespace.clone(), o.name.clone()),
         other => panic!("a file yields upserts only, got {other:?}"),
     };
     (
@@ -52,7 +54,9 @@ fn deletion((rank, namespace, name): (u8, String, String)) -> Event {
     match rank {
         0 => Event::NamespaceDeleted(name),
         1 => Event::ServiceDeleted { namespace, name },
-        _ => Event::PodDeleted { namespace, name },
+        2 => Event::PodDeleted { namespace, name },
+        3 => Event::AuthorizationPolicyDeleted { namespace, name },
+        _ => Event::PeerAuthenticationDeleted { namespace, name },
     }
 }
 
@@ -68,6 +72,23 @@ fn check_changes(t: &Translator, changes: &Changes) {
     }
     for name in &changes.removes {
         assert!(!t.resources().contains_key(name));
+    }
+    let names: Vec<&String> = changes.policy_upserts.iter().map(|(n, _)| n).collect();
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+    for (name, p) in &changes.policy_upserts {
+        assert_eq!(t.policies().get(name), Some(p));
+        assert_eq!(name, &format!("{}/{}", p.namespace, p.name));
+    }
+    for name in &changes.policy_removes {
+        assert!(!t.policies().contains_key(name));
+    }
+    // Every policy a workload names is served.
+    for addr in t.resources().values() {
+        if let Some(address::Type::Workload(w)) = &addr.r#type {
+            for p in &w.authorization_policies {
+                assert!(t.policies().contains_key(p), "{} names missing {p}", w.uid);
+            }
+        }
     }
     let (mut workloads, mut services) = (0, 0);
     for (name, addr) in t.resources() {
@@ -136,6 +157,7 @@ pub fn istiod_dir(data: &[u8]) {
     let changes = reordered.take_changes();
     check_changes(&reordered, &changes);
     assert_eq!(reordered.resources(), t.resources());
+    assert_eq!(reordered.policies(), t.policies());
 
     for key in last.into_keys() {
         t.apply(deletion(key));
@@ -145,6 +167,7 @@ pub fn istiod_dir(data: &[u8]) {
     let emitted: Vec<String> = first.upserts.into_iter().map(|(n, _)| n).collect();
     assert_eq!(gone.removes, emitted);
     assert!(t.resources().is_empty());
+    assert!(t.policies().is_empty(), "{:?}", t.policies().keys());
     assert_eq!(t.counts(), (0, 0));
 }
 
@@ -271,7 +294,22 @@ pub fn seeds_istiod_dir() -> Vec<Vec<u8>> {
         "[",
         "\u{feff}apiVersion: v1\nkind: Namespace\nmetadata: {name: bom}\n",
     ]);
-    seeds.splice(0..0, [mesh, list, twice].map(String::into_bytes));
+    // Security policies next to the workloads they select.
+    let policies = format!(
+        "{mesh}---\n\
+         apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: allow, namespace: demo}}\n\
+         spec: {{selector: {{matchLabels: {{app: web}}}}, rules: [{{from: [{{source: {{principals: [\"*\"], ipBlocks: [10.0.0.0/8]}}}}], \
+         to: [{{operation: {{ports: [\"80\"], methods: [GET]}}}}], when: [{{key: destination.port, values: [\"80\"]}}]}}]}}\n---\n\
+         apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: deny, namespace: istio-system}}\nspec: {{action: DENY, rules: [{{}}]}}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {{name: default, namespace: istio-system}}\nspec: {{mtls: {{mode: STRICT}}}}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {{name: web, namespace: demo}}\n\
+         spec: {{selector: {{matchLabels: {{app: web}}}}, portLevelMtls: {{\"8080\": {{mode: PERMISSIVE}}}}}}\n"
+    );
+    seeds.splice(0..0, [mesh, list, twice, policies].map(String::into_bytes));
     seeds
 }
 
@@ -282,6 +320,9 @@ pub fn dict_istiod_dir() -> Vec<&'static [u8]> {
         "kind: Service\n",
         "kind: Namespace\n",
         "kind: List\n",
+        "apiVersion: security.istio.io/v1\n",
+        "kind: AuthorizationPolicy\n",
+        "kind: PeerAuthentication\n",
         "---\n",
         "metadata: {name: x}\n",
         "namespace: demo",
@@ -397,6 +438,25 @@ fn smoke_istiod_dir() {
             .unwrap_or_else(|| panic!("seed {i}: no workload"));
         assert_eq!(wl.addresses[0], ip, "seed {i}");
     }
+    // The fourth adds policies: both AuthorizationPolicies, the shared
+    // STRICT policy and the port-level one, the last named by the pod.
+    let mut t = Translator::new(MeshConfig::default());
+    for ev in parse_manifests(Path::new("seed.yaml"), &seeds[3]).expect("seed parses") {
+        t.apply(ev);
+    }
+    t.take_changes();
+    assert_eq!(t.policies().len(), 4, "{:?}", t.policy_problems());
+    let Some(Some(address::Type::Workload(wl))) = t
+        .resources()
+        .get("Kubernetes//Pod/demo/web-7d4b9-abcde")
+        .map(|a| &a.r#type)
+    else {
+        panic!("seed 3: no workload")
+    };
+    assert_eq!(
+        wl.authorization_policies,
+        ["demo/allow", "demo/converted_peer_authentication_web"]
+    );
     dump_seeds("istiod_dir", &seeds);
     run_corpus("istiod_dir", &seeds, &dict_istiod_dir(), 30_000, istiod_dir);
 }

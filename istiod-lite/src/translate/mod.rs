@@ -8,8 +8,18 @@
 //! [`Translator::take_changes`] recomputes just those and reports the ones
 //! whose bytes differ, so a pod restarting in a 10,000-pod cluster costs one
 //! workload, not a rebuild.
+//!
+//! It also turns `AuthorizationPolicy` and `PeerAuthentication` into the
+//! `Authorization` resources ztunnel enforces (`authz.rs`, `peerauthn.rs`)
+//! and lists the workload-selector ones in each selected workload's
+//! `authorization_policies`.
 
+pub mod authz;
+pub mod peerauthn;
 mod pod;
+mod policy;
+#[cfg(test)]
+mod policy_tests;
 mod service;
 #[cfg(test)]
 mod tests;
@@ -17,10 +27,14 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use mesh_core::proto::security::Authorization;
 use mesh_core::proto::workload::{
     address, gateway_address, Address, GatewayAddress, NamespacedHostname,
 };
 
+use authz::ApInfo;
+use peerauthn::PaInfo;
 use pod::PodInfo;
 use service::SvcInfo;
 
@@ -54,6 +68,8 @@ pub struct MeshConfig {
     /// Only namespaces carrying all these labels are part of the mesh
     /// (Istio's `discoverySelectors` with one `matchLabels`); empty = all.
     pub discovery_selector: Labels,
+    /// Istio's root namespace: its security policies apply mesh-wide.
+    pub root_namespace: String,
 }
 
 impl Default for MeshConfig {
@@ -64,7 +80,46 @@ impl Default for MeshConfig {
             network: String::new(),
             domain_suffix: "cluster.local".to_string(),
             discovery_selector: Labels::new(),
+            root_namespace: "istio-system".to_string(),
         }
+    }
+}
+
+/// An Istio security object (`AuthorizationPolicy`, `PeerAuthentication`) as
+/// the sources hand it over: who it is, what the translation reads of its
+/// metadata, and its `spec` as written. The translator validates the spec,
+/// so both sources report the same errors with the same field paths.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyObject {
+    /// Namespace of the object.
+    pub namespace: String,
+    /// Name of the object.
+    pub name: String,
+    /// Annotations (`istio.io/dry-run`).
+    pub annotations: BTreeMap<String, String>,
+    /// RFC 3339 creation time, when known: the oldest of competing policies
+    /// wins, as in Istio.
+    pub creation_timestamp: Option<String>,
+    /// `spec` as written (null when absent).
+    pub spec: serde_json::Value,
+}
+
+impl PolicyObject {
+    /// From an object's metadata and spec; None without a name. A missing
+    /// namespace is `default`, as kubectl does.
+    pub fn new(meta: &ObjectMeta, spec: serde_json::Value) -> Option<Self> {
+        let (namespace, name) = object_key(meta)?;
+        Some(Self {
+            namespace,
+            name,
+            annotations: meta.annotations.clone().unwrap_or_default(),
+            creation_timestamp: meta
+                .creation_timestamp
+                .as_ref()
+                .and_then(|t| serde_json::to_value(t).ok())
+                .and_then(|v| v.as_str().map(str::to_string)),
+            spec,
+        })
     }
 }
 
@@ -96,6 +151,24 @@ pub enum Event {
         /// Name of the service.
         name: String,
     },
+    /// An AuthorizationPolicy was created or changed.
+    AuthorizationPolicy(PolicyObject),
+    /// An AuthorizationPolicy is gone.
+    AuthorizationPolicyDeleted {
+        /// Namespace of the policy.
+        namespace: String,
+        /// Name of the policy.
+        name: String,
+    },
+    /// A PeerAuthentication was created or changed.
+    PeerAuthentication(PolicyObject),
+    /// A PeerAuthentication is gone.
+    PeerAuthenticationDeleted {
+        /// Namespace of the policy.
+        namespace: String,
+        /// Name of the policy.
+        name: String,
+    },
 }
 
 /// Resources that differ from what `take_changes` returned before.
@@ -105,16 +178,34 @@ pub struct Changes {
     pub upserts: Vec<(String, Address)>,
     /// Names returned before that no longer exist, sorted.
     pub removes: Vec<String>,
+    /// New or changed `Authorization` resources by `<ns>/<name>`, sorted.
+    pub policy_upserts: Vec<(String, Authorization)>,
+    /// `Authorization` names returned before that no longer exist, sorted.
+    pub policy_removes: Vec<String>,
 }
 
 impl Changes {
     /// True when nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.upserts.is_empty() && self.removes.is_empty()
+        self.upserts.is_empty()
+            && self.removes.is_empty()
+            && self.policy_upserts.is_empty()
+            && self.policy_removes.is_empty()
     }
 }
 
 type Key = (String, String);
+
+/// One `Authorization` output.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum PolicyKey {
+    /// An AuthorizationPolicy (namespace, name).
+    Authz(String, String),
+    /// The converted form of a port-level PeerAuthentication.
+    PeerAuthn(String, String),
+    /// The shared STRICT policy.
+    StaticStrict,
+}
 
 /// The incremental Kubernetes → Workload API translation.
 #[derive(Debug)]
@@ -129,9 +220,17 @@ pub struct Translator {
     /// (namespace, service account, node) → non-terminal pods, for the CA's
     /// "is this identity on the caller's node" check.
     identities: HashMap<(String, String, String), usize>,
+    /// Valid AuthorizationPolicies for ztunnel, by namespace then name.
+    authz: HashMap<String, BTreeMap<String, ApInfo>>,
+    /// Valid PeerAuthentications, by namespace then name.
+    peer_authn: HashMap<String, BTreeMap<String, PaInfo>>,
+    /// Why a policy object is not (fully) applied, by `<Kind> <ns>/<name>`.
+    problems: BTreeMap<String, String>,
     dirty_pods: BTreeSet<Key>,
     dirty_services: BTreeSet<Key>,
+    dirty_policies: BTreeSet<PolicyKey>,
     resources: BTreeMap<String, Address>,
+    policies: BTreeMap<String, Authorization>,
     workload_count: usize,
     service_count: usize,
     /// Outputs recomputed by the last `take_changes` (tests check that
@@ -148,9 +247,14 @@ impl Translator {
             pods: HashMap::new(),
             services: HashMap::new(),
             identities: HashMap::new(),
+            authz: HashMap::new(),
+            peer_authn: HashMap::new(),
+            problems: BTreeMap::new(),
             dirty_pods: BTreeSet::new(),
             dirty_services: BTreeSet::new(),
+            dirty_policies: BTreeSet::new(),
             resources: BTreeMap::new(),
+            policies: BTreeMap::new(),
             workload_count: 0,
             service_count: 0,
             computed: 0,
@@ -241,6 +345,18 @@ impl Translator {
                 self.mark_selected(&namespace, Some(&old), None);
                 self.dirty_services.insert((namespace, name));
             }
+            Event::AuthorizationPolicy(obj) => self.apply_authz(obj),
+            Event::AuthorizationPolicyDeleted { namespace, name } => {
+                self.problems
+                    .remove(&format!("AuthorizationPolicy {namespace}/{name}"));
+                self.set_authz(namespace, name, None);
+            }
+            Event::PeerAuthentication(obj) => self.apply_peer_authn(obj),
+            Event::PeerAuthenticationDeleted { namespace, name } => {
+                self.problems
+                    .remove(&format!("PeerAuthentication {namespace}/{name}"));
+                self.set_peer_authn(namespace, name, None);
+            }
         }
     }
 
@@ -249,7 +365,8 @@ impl Translator {
         let mut changes = Changes::default();
         let dirty_pods = std::mem::take(&mut self.dirty_pods);
         let dirty_services = std::mem::take(&mut self.dirty_services);
-        self.computed = dirty_pods.len() + dirty_services.len();
+        let dirty_policies = std::mem::take(&mut self.dirty_policies);
+        self.computed = dirty_pods.len() + dirty_services.len() + dirty_policies.len();
         let mut out: Vec<(String, Option<Address>)> = Vec::with_capacity(self.computed);
         for (ns, name) in dirty_pods {
             let visible = self.discovered(&ns);
@@ -261,7 +378,15 @@ impl Translator {
                 .and_then(|p| {
                     let empty = BTreeMap::new();
                     let svcs = self.services.get(&ns).unwrap_or(&empty);
-                    p.to_workload(&self.cfg, &ns, &name, self.namespaces.get(&ns), svcs.iter())
+                    let mut w = p.to_workload(
+                        &self.cfg,
+                        &ns,
+                        &name,
+                        self.namespaces.get(&ns),
+                        svcs.iter(),
+                    )?;
+                    w.authorization_policies = self.workload_policies(&ns, &p.labels);
+                    Some(w)
                 });
             out.push((
                 workload_uid(&self.cfg, &ns, &name),
@@ -288,9 +413,38 @@ impl Translator {
         for (key, new) in out {
             self.reconcile(key, new, &mut changes);
         }
+        for key in dirty_policies {
+            let (name, new) = self.compute_policy(&key);
+            match (new, self.policies.get(&name)) {
+                (Some(new), Some(old)) if *old == new => {}
+                (Some(new), _) => {
+                    self.policies.insert(name.clone(), new.clone());
+                    changes.policy_upserts.push((name, new));
+                }
+                (None, Some(_)) => {
+                    self.policies.remove(&name);
+                    changes.policy_removes.push(name);
+                }
+                (None, None) => {}
+            }
+        }
         changes.upserts.sort_by(|a, b| a.0.cmp(&b.0));
         changes.removes.sort();
+        changes.policy_upserts.sort_by(|a, b| a.0.cmp(&b.0));
+        changes.policy_removes.sort();
         changes
+    }
+
+    /// Every `Authorization` as last returned by `take_changes`, by
+    /// `<ns>/<name>`.
+    pub fn policies(&self) -> &BTreeMap<String, Authorization> {
+        &self.policies
+    }
+
+    /// Policy objects that are rejected, skipped or only partly enforced,
+    /// with why (`"AuthorizationPolicy ns/name" → message`).
+    pub fn policy_problems(&self) -> &BTreeMap<String, String> {
+        &self.problems
     }
 
     /// Every resource as last returned by `take_changes`.
@@ -372,6 +526,14 @@ impl Translator {
             self.dirty_services
                 .extend(svcs.keys().map(|s| (ns.to_string(), s.clone())));
         }
+        // Discovery decides whether a namespace's policies are served.
+        if let Some(aps) = self.authz.get(ns) {
+            self.dirty_policies.extend(
+                aps.keys()
+                    .map(|n| PolicyKey::Authz(ns.to_string(), n.clone())),
+            );
+        }
+        self.mark_peer_authn_policies(Some(ns));
     }
 
     /// Marks the pods of `ns` that either version of a service selects.
