@@ -365,9 +365,17 @@ impl Connection {
                     // Gather a burst of store writes into one push.
                     tokio::time::sleep(self.server.debounce).await;
                     changes.mark_unchanged();
-                    let types: Vec<String> = self.types.keys().cloned().collect();
-                    for t in types {
-                        if self.push(&t).await.is_err() {
+                    // New and changed resources go out referenced-first, removals
+                    // referencing-first, so a client never holds a reference
+                    // (a workload's policy names) to something it lacks.
+                    let order = push_order(self.types.keys().cloned().collect());
+                    for t in &order {
+                        if self.push(t, Part::Upserts).await.is_err() {
+                            return;
+                        }
+                    }
+                    for t in order.iter().rev() {
+                        if self.push(t, Part::Removals).await.is_err() {
                             return;
                         }
                     }
@@ -455,12 +463,12 @@ impl Connection {
             }
         }
         if interest_changed {
-            self.push(&type_url).await?;
+            self.push(&type_url, Part::Both).await?;
         }
         Ok(())
     }
 
-    async fn push(&mut self, type_url: &str) -> Result<(), SendFailed> {
+    async fn push(&mut self, type_url: &str, part: Part) -> Result<(), SendFailed> {
         let snapshot = match self.server.store.snapshot(type_url) {
             Ok(s) => s,
             Err(e) => {
@@ -481,7 +489,7 @@ impl Connection {
                 continue;
             }
             wanted.insert(name.as_str());
-            if state.sent.get(name) != Some(&entry.version) {
+            if part != Part::Removals && state.sent.get(name) != Some(&entry.version) {
                 resources.push(Resource {
                     version: entry.version.clone(),
                     resource: Some(entry.resource.clone()),
@@ -490,12 +498,16 @@ impl Connection {
                 });
             }
         }
-        let mut removed: Vec<String> = state
-            .sent
-            .keys()
-            .filter(|n| !wanted.contains(n.as_str()))
-            .cloned()
-            .collect();
+        let mut removed: Vec<String> = if part == Part::Upserts {
+            Vec::new()
+        } else {
+            state
+                .sent
+                .keys()
+                .filter(|n| !wanted.contains(n.as_str()))
+                .cloned()
+                .collect()
+        };
         removed.sort();
         // The first response is sent even when empty: it tells the node it
         // has seen the control plane's full view (readiness).
@@ -527,6 +539,31 @@ impl Connection {
         let _ = self.server.events.send(event);
         Ok(())
     }
+}
+
+/// Which changes of a type one push sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Upserts,
+    Removals,
+    Both,
+}
+
+/// Types other types refer to by name, sent before them (Istio's
+/// `Workload.authorization_policies` names `Authorization` resources).
+const REFERENCED_FIRST: &[&str] = &["type.googleapis.com/istio.security.Authorization"];
+
+/// Subscribed types in push order: referenced types first, then the rest by
+/// name (deterministic).
+fn push_order(mut types: Vec<String>) -> Vec<String> {
+    types.sort_by_key(|t| {
+        let rank = REFERENCED_FIRST
+            .iter()
+            .position(|r| r == t)
+            .unwrap_or(REFERENCED_FIRST.len());
+        (rank, t.clone())
+    });
+    types
 }
 
 /// The response channel closed: the peer is gone.
@@ -572,5 +609,27 @@ mod tests {
         assert!(store.remove("t", "a").unwrap());
         assert!(!store.remove("t", "a").unwrap());
         assert!(store.snapshot("t").unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::push_order;
+
+    #[test]
+    fn authorizations_are_pushed_before_the_addresses_that_name_them() {
+        let order = push_order(vec![
+            "type.googleapis.com/istio.workload.Address".into(),
+            "type.googleapis.com/istio.security.Authorization".into(),
+            "type.googleapis.com/a.Other".into(),
+        ]);
+        assert_eq!(
+            order,
+            [
+                "type.googleapis.com/istio.security.Authorization",
+                "type.googleapis.com/a.Other",
+                "type.googleapis.com/istio.workload.Address",
+            ]
+        );
     }
 }
