@@ -209,6 +209,89 @@ fn local_up_bookinfo_exec_curl_over_hbone_and_down_leaves_nothing() {
         "no mutual-TLS productpage connection in ztunnel metrics:\n{seen}"
     );
 
+    // `ambientctl zc` reads the ztunnels' admin endpoints directly.
+    let zc = |args: &[&str]| {
+        Command::new(e2e::app::binary("ambientctl").expect("ambientctl is built"))
+            .arg("zc")
+            .args(args)
+            .env("AMBIENT_LOCAL_DIR", &dir)
+            .output()
+            .expect("ambientctl runs")
+    };
+    let mut services = String::new();
+    for node in ["node1", "node2"] {
+        let o = zc(&["service", "--node", node]);
+        assert!(o.status.success(), "{}", text(&o));
+        services.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    let header = services.lines().next().unwrap_or_default().to_string();
+    for col in [
+        "NAMESPACE",
+        "SERVICE NAME",
+        "SERVICE VIP",
+        "WAYPOINT",
+        "ENDPOINTS",
+    ] {
+        assert!(header.contains(col), "service header {header:?}");
+    }
+    let row = services
+        .lines()
+        .find(|l| l.split_whitespace().take(2).eq(["default", "productpage"]))
+        .unwrap_or_else(|| panic!("no productpage row:\n{services}"));
+    assert!(
+        row.contains("None") && row.trim_end().ends_with("1/1"),
+        "{row}"
+    );
+    let reviews = services
+        .lines()
+        .find(|l| l.split_whitespace().take(2).eq(["default", "reviews"]))
+        .unwrap_or_else(|| panic!("no reviews row:\n{services}"));
+    assert!(reviews.trim_end().ends_with("3/3"), "{reviews}");
+    let o = zc(&["workload", "ztunnel-node1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let workloads = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        workloads
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .contains("PROTOCOL"),
+        "{workloads}"
+    );
+    let pp = workloads
+        .lines()
+        .find(|l| l.contains("productpage-v1"))
+        .unwrap_or_else(|| panic!("no productpage workload:\n{workloads}"));
+    assert!(pp.contains("HBONE") && pp.starts_with("default"), "{pp}");
+    let o = zc(&["workload", "--node", "node1", "-o", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect("-o json is JSON");
+    let again: serde_json::Value =
+        serde_json::from_str(&serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    assert_eq!(json, again);
+    assert!(json.to_string().contains("productpage-v1"), "{json}");
+
+    // A ztunnel that is down gives a one-line error, not a stack trace.
+    let node2 = e2e::local::node_netns_name(&dir, "node2").unwrap();
+    let _ = Command::new("ip")
+        .args(["netns", "pids", &node2])
+        .output()
+        .map(|o| {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                if cmdline(pid.parse().unwrap_or(0)).contains("ztunnel") {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
+        });
+    std::thread::sleep(Duration::from_millis(500));
+    let o = zc(&["workload", "--node", "node2"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("error:") && err.contains("node2") && !err.contains("panicked"),
+        "{err}"
+    );
+
     let pids = mesh_processes(&dir);
     assert!(pids.len() > 10, "found the mesh's processes: {pids:?}");
     drop(guard);
