@@ -1,7 +1,10 @@
 //! ztunnel's own HTTP endpoints, outside the data path.
 //!
 //! - admin (127.0.0.1:15000): `/config_dump`, the JSON `istioctl
-//!   ztunnel-config` reads; `/healthz/ready`, `/metrics` for convenience;
+//!   ztunnel-config` reads; `/debug/connections`, the open connections
+//!   (`{"connections":[{pod, direction, protocol, local, remote,
+//!   remoteTarget, srcIdentity, dstIdentity}]}`); `/healthz/ready`,
+//!   `/metrics` for convenience;
 //! - stats (15020): Prometheus `/metrics`;
 //! - readiness (15021): `/healthz/ready`, 200 once the first configuration,
 //!   the pod snapshot and the listeners are in place, 503 with what is
@@ -20,6 +23,7 @@ use mesh_core::drain;
 use mesh_core::readiness::Ready;
 
 use crate::config::{CaSource, Config, XdsSource};
+use crate::connections::ConnectionRegistry;
 use crate::inpod::PodRegistry;
 use crate::metrics::Metrics;
 use crate::state::ProxyState;
@@ -33,6 +37,7 @@ pub struct AdminState {
     pub pods: PodRegistry,
     pub metrics: Arc<Metrics>,
     pub ready: Ready,
+    pub connections: ConnectionRegistry,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -100,6 +105,11 @@ impl AdminState {
                 let body = serde_json::to_string_pretty(&self.config_dump()).unwrap_or_default();
                 text(StatusCode::OK, body, "application/json")
             }
+            (Endpoint::Admin, "/debug/connections") => {
+                let body =
+                    serde_json::to_string_pretty(&self.connections.dump()).unwrap_or_default();
+                text(StatusCode::OK, body, "application/json")
+            }
             (_, "/healthz/ready") => {
                 if self.ready.is_ready() {
                     text(StatusCode::OK, "ready\n".into(), "text/plain")
@@ -118,7 +128,7 @@ impl AdminState {
             ),
             (Endpoint::Admin, "/") => text(
                 StatusCode::OK,
-                "/config_dump\n/healthz/ready\n/metrics\n".into(),
+                "/config_dump\n/debug/connections\n/healthz/ready\n/metrics\n".into(),
                 "text/plain",
             ),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),

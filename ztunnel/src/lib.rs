@@ -7,15 +7,19 @@
 //! application. What it knows of the mesh lives in [`state`], fed by the
 //! control plane over delta xDS ([`xds`]) or a local file ([`source`]);
 //! certificates come from the mesh CA (or a local one); its own endpoints
-//! are in [`admin`].
+//! are in [`admin`]. It is the mesh's L4 authorization point: [`rbac`]
+//! decides every inbound connection, and [`connections`] tracks the open
+//! ones so a policy change can close those it no longer allows.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
+pub mod connections;
 pub mod inpod;
 pub mod metrics;
 pub mod proxy;
+pub mod rbac;
 pub mod source;
 pub mod state;
 pub mod sys;
@@ -152,6 +156,12 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
         idle_timeout: cfg.pool_idle_timeout,
         ..Default::default()
     };
+    let conns = connections::ConnectionRegistry::new();
+    tokio::spawn(connections::enforce_policy_changes(
+        conns.clone(),
+        state.clone(),
+        drain.clone(),
+    ));
     let inputs = Arc::new(proxy::ProxyInputs {
         cfg: cfg.clone(),
         state: state.clone(),
@@ -159,6 +169,7 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
         pool: hbone::client::Pool::new(pool_cfg),
         metrics: metrics.clone(),
         hbone_server: hbone::server::ServerConfig::default(),
+        connections: conns.clone(),
     });
     let pods = inpod::PodRegistry::default();
     let admin = admin::AdminState {
@@ -168,6 +179,7 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
         pods: pods.clone(),
         metrics,
         ready: ready.clone(),
+        connections: conns,
     };
     for (what, addr, which) in [
         ("admin", cfg.admin_addr, admin::Endpoint::Admin),

@@ -59,6 +59,10 @@ pub struct TcpLabels {
 
 const UNKNOWN: &str = "unknown";
 
+/// The `response_flags` Istio's ztunnel reports for a connection refused (or
+/// closed) by an authorization policy.
+pub const RESPONSE_FLAG_DENY: &str = "DENY";
+
 fn or_unknown(s: &str) -> String {
     if s.is_empty() {
         UNKNOWN.to_string()
@@ -208,6 +212,13 @@ impl Metrics {
     }
 }
 
+/// Count a connection refused by policy: opened and closed at once, with
+/// `response_flags="DENY"`, as Istio's ztunnel reports a denial.
+pub fn record_denied(metrics: Arc<Metrics>, mut labels: TcpLabels) {
+    labels.response_flags = RESPONSE_FLAG_DENY.into();
+    drop(ConnectionRecorder::start(metrics, labels));
+}
+
 /// Records one connection: opened now, bytes as they flow, closed on drop.
 pub struct ConnectionRecorder {
     metrics: Arc<Metrics>,
@@ -313,6 +324,25 @@ mod tests {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         assert!(text.contains("} 20\n"), "{text}");
+    }
+
+    #[test]
+    fn a_policy_denial_is_counted_with_the_deny_flag() {
+        let m = Metrics::new();
+        let labels = TcpLabels::new(
+            Reporter::destination,
+            None,
+            None,
+            None,
+            None,
+            SecurityPolicy::mutual_tls,
+        );
+        record_denied(m.clone(), labels.clone());
+        let mut denied = labels;
+        denied.response_flags = RESPONSE_FLAG_DENY.into();
+        assert_eq!(m.opened.get_or_create(&denied).get(), 1);
+        assert_eq!(m.closed.get_or_create(&denied).get(), 1);
+        assert!(m.encode().contains("response_flags=\"DENY\""));
     }
 
     #[tokio::test]

@@ -171,7 +171,17 @@ struct Inner {
     /// Service key -> uids of the workloads that list it, so picking an
     /// endpoint does not scan every workload of the mesh.
     endpoints: HashMap<String, BTreeSet<String>>,
-    policies: BTreeMap<String, Authorization>,
+    policies: BTreeMap<String, Arc<Authorization>>,
+    /// Policies by where they apply without a selector: GLOBAL ones under
+    /// "" (they live in the root namespace but apply everywhere), NAMESPACE
+    /// ones under their namespace; each policy is in exactly one slot. A
+    /// connection's lookup is then two map reads plus its workload's own
+    /// list, not a scan of every policy.
+    policy_index: HashMap<String, BTreeMap<String, Arc<Authorization>>>,
+    /// Namespaces with at least one WORKLOAD_SELECTOR policy, with a count:
+    /// for a destination workload missing from the state, only these can
+    /// hold policies we cannot see (see [`ProxyState::authorize`]).
+    selector_namespaces: HashMap<String, usize>,
 }
 
 type AddrIndex = HashMap<(String, IpAddr), Vec<String>>;
@@ -196,7 +206,65 @@ fn owner<'a>(index: &'a AddrIndex, k: &(String, IpAddr)) -> Option<&'a str> {
     index.get(k).and_then(|o| o.last()).map(String::as_str)
 }
 
+/// Where a policy's scope puts it in [`Inner::policy_index`]; `None` for
+/// WORKLOAD_SELECTOR (found through the workload's own list).
+fn index_slot(p: &Authorization) -> Option<String> {
+    use mesh_core::proto::security::Scope;
+    match Scope::try_from(p.scope) {
+        Ok(Scope::Global) => Some(String::new()),
+        Ok(Scope::WorkloadSelector) => None,
+        // An unknown scope is treated as NAMESPACE: it still applies where
+        // it is, rather than silently to nothing.
+        Ok(Scope::Namespace) | Err(_) => Some(p.namespace.clone()),
+    }
+}
+
 impl Inner {
+    fn insert_policy(&mut self, p: Authorization) {
+        let key = format!("{}/{}", p.namespace, p.name);
+        self.remove_policy(&key);
+        let p = Arc::new(p);
+        match index_slot(&p) {
+            Some(slot) => {
+                self.policy_index
+                    .entry(slot)
+                    .or_default()
+                    .insert(key.clone(), p.clone());
+            }
+            None => {
+                *self
+                    .selector_namespaces
+                    .entry(p.namespace.clone())
+                    .or_default() += 1
+            }
+        }
+        self.policies.insert(key, p);
+    }
+
+    fn remove_policy(&mut self, key: &str) {
+        let Some(old) = self.policies.remove(key) else {
+            return;
+        };
+        match index_slot(&old) {
+            Some(slot) => {
+                if let Some(set) = self.policy_index.get_mut(&slot) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        self.policy_index.remove(&slot);
+                    }
+                }
+            }
+            None => {
+                if let Some(n) = self.selector_namespaces.get_mut(&old.namespace) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.selector_namespaces.remove(&old.namespace);
+                    }
+                }
+            }
+        }
+    }
+
     fn insert_workload(&mut self, w: Workload) {
         self.remove_workload(&w.uid);
         for ip in &w.ips {
@@ -614,8 +682,7 @@ impl ProxyState {
             next.insert_service(s);
         }
         for p in snap.policies {
-            next.policies
-                .insert(format!("{}/{}", p.namespace, p.name), p);
+            next.insert_policy(p);
         }
         *self.inner.write().unwrap_or_else(|e| e.into_inner()) = next;
         self.loaded.send_replace(true);
@@ -637,12 +704,10 @@ impl ProxyState {
             inner.insert_service(s);
         }
         for name in &delta.removed_policies {
-            inner.policies.remove(name);
+            inner.remove_policy(name);
         }
         for p in delta.policies {
-            inner
-                .policies
-                .insert(format!("{}/{}", p.namespace, p.name), p);
+            inner.insert_policy(p);
         }
         drop(inner);
         self.generation.send_modify(|g| *g += 1);
@@ -672,6 +737,82 @@ impl ProxyState {
         let mut rx = self.loaded.subscribe();
         // The sender lives in `self`, so this cannot fail while we wait.
         let _ = rx.wait_for(|loaded| *loaded).await;
+    }
+
+    /// A receiver that sees every change of the state (its generation), for
+    /// work that must follow it, such as re-checking open connections.
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// The policies in scope for a connection to `dst` (Istio's rules):
+    /// GLOBAL ones from the root namespace, NAMESPACE ones of its namespace,
+    /// and the WORKLOAD_SELECTOR ones it lists. Each at most once.
+    pub fn policies_for(&self, dst: &Workload) -> Vec<Arc<Authorization>> {
+        let inner = self.read();
+        Self::in_scope(&inner, &dst.namespace, &dst.authorization_policies)
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    fn in_scope<'a>(
+        inner: &'a Inner,
+        namespace: &str,
+        selected: &[String],
+    ) -> Vec<&'a Arc<Authorization>> {
+        let mut out: Vec<&Arc<Authorization>> = Vec::new();
+        // A namespace named "" would be the global slot itself: read it once.
+        let slots: &[&str] = if namespace.is_empty() {
+            &[""]
+        } else {
+            &["", namespace]
+        };
+        for slot in slots {
+            if let Some(set) = inner.policy_index.get(*slot) {
+                out.extend(set.values());
+            }
+        }
+        for k in selected {
+            if let Some(p) = inner.policies.get(k) {
+                // Only a selector policy is reached through the workload's
+                // list; a listed GLOBAL/NAMESPACE one is already in.
+                if index_slot(p).is_none() {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// Authorize a connection to the pod `namespace`/`dst`. The policies are
+    /// evaluated under the read lock (no copies per connection). When the
+    /// destination workload is not in the state, GLOBAL and NAMESPACE
+    /// policies still apply; if its namespace has selector policies we
+    /// cannot tell which apply, so the connection is refused (fail closed).
+    pub fn authorize(
+        &self,
+        dst: Option<&Workload>,
+        namespace: &str,
+        conn: &crate::rbac::Connection,
+    ) -> crate::rbac::Verdict {
+        let inner = self.read();
+        let selected: &[String] = dst
+            .map(|w| w.authorization_policies.as_slice())
+            .unwrap_or(&[]);
+        let namespace = dst.map(|w| w.namespace.as_str()).unwrap_or(namespace);
+        if dst.is_none() && inner.selector_namespaces.contains_key(namespace) {
+            return crate::rbac::Verdict {
+                decision: crate::rbac::Decision::Deny(crate::rbac::DenyReason::Unevaluable {
+                    reason: format!(
+                        "destination workload is not in the mesh state and namespace {namespace} has workload-selector policies"
+                    ),
+                }),
+                dry_run: None,
+            };
+        }
+        let policies = Self::in_scope(&inner, namespace, selected);
+        crate::rbac::evaluate(policies.into_iter().map(|p| p.as_ref()), conn)
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {

@@ -5,6 +5,11 @@
 //! address (the address the client dialled); the application is then reached
 //! from inside the pod, with the client's own source address where the in-pod
 //! routing allows it.
+//!
+//! Authorization happens per CONNECT, once the client's identity is known
+//! from its certificate and before the application is dialled: a denied
+//! CONNECT is answered 401 Unauthorized, as Istio's ztunnel does, and the
+//! client's ztunnel resets the application's connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +24,9 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::{Pod, ProxyError, ProxyInputs};
-use crate::metrics::{ConnectionRecorder, Reporter, SecurityPolicy, TcpLabels};
+use crate::connections::{ConnProtocol, ConnectionInfo, Direction};
+use crate::metrics::{ConnectionRecorder, Reporter, SecurityPolicy, TcpLabels, RESPONSE_FLAG_DENY};
+use crate::rbac;
 
 pub async fn handle(
     pi: &Arc<ProxyInputs>,
@@ -108,6 +115,30 @@ async fn stream_request(
         service.as_deref(),
         SecurityPolicy::mutual_tls,
     );
+    // Registered before the decision, so a policy change landing after the
+    // decision read the state is always followed by a re-check of this
+    // connection (a denied one unregisters at once).
+    let tracked = pi.connections.register(ConnectionInfo {
+        pod: format!("{}/{}", pod.namespace, pod.name),
+        pod_namespace: pod.namespace.clone(),
+        pod_uid: pod.uid.clone(),
+        direction: Direction::Inbound,
+        protocol: ConnProtocol::Hbone,
+        local,
+        remote: peer,
+        remote_target: target,
+        src_identity: client_id.clone(),
+        dst_identity: Some(pod.identity.clone()),
+    });
+    let conn = rbac::Connection {
+        src_identity: client_id.clone(),
+        src: peer,
+        dst: target,
+    };
+    if super::authorize_inbound(&pi, &pod, dst_wl.as_deref(), &conn, &labels).is_err() {
+        responder.reject(StatusCode::UNAUTHORIZED);
+        return;
+    }
     let mut app = match super::connect_upstream(&pi, &pod, target, Some(peer.ip())).await {
         Ok(a) => a,
         Err(e) => {
@@ -119,6 +150,11 @@ async fn stream_request(
             return;
         }
     };
+    if tracked.is_closed() {
+        // A policy change while the application was being dialled.
+        responder.reject(StatusCode::UNAUTHORIZED);
+        return;
+    }
     let mut tunnel = match responder.accept() {
         Ok(t) => t,
         Err(e) => {
@@ -126,8 +162,20 @@ async fn stream_request(
             return;
         }
     };
-    let rec = ConnectionRecorder::start(pi.metrics.clone(), labels);
-    match rec.copy(&mut tunnel, &mut app).await {
+    let mut rec = ConnectionRecorder::start(pi.metrics.clone(), labels);
+    let copied = tokio::select! {
+        biased;
+        // A policy change no longer allows it (logged by the registry).
+        _ = tracked.closed() => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "closed: policy changed",
+        )),
+        r = rec.copy(&mut tunnel, &mut app) => r,
+    };
+    if tracked.is_closed() {
+        rec.set_response_flags(RESPONSE_FLAG_DENY);
+    }
+    match copied {
         Ok((recv, sent)) => {
             tracing::info!(
                 src.identity = %display_identity(&client_id),
@@ -145,4 +193,141 @@ fn display_identity(id: &Option<Identity>) -> String {
     id.as_ref()
         .map(|i| i.to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_core::hbone::client::{Pool, PoolConfig};
+    use mesh_core::hbone::HboneError;
+    use mesh_core::proto::security::{
+        string_match::MatchType, Action, Authorization, Clause, Match, Rule, Scope, StringMatch,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::proxy::test_support::{denied_count, setup};
+    use crate::state::Delta;
+
+    /// Open a CONNECT to `target` through the pod's HBONE listener at `hbone`
+    /// as the client `sa` of namespace `ns`.
+    async fn connect_as(
+        pi: &ProxyInputs,
+        pod: &Pod,
+        ns: &str,
+        sa: &str,
+        hbone: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<mesh_core::hbone::H2Stream, HboneError> {
+        let cert = pi
+            .certs
+            .get(&Identity::new("cluster.local", ns, sa))
+            .await
+            .expect("client certificate");
+        let expected = vec![pod.identity.clone()];
+        let dial = move || async move {
+            let tcp = TcpStream::connect(hbone).await?;
+            let cfg = tls::client_config(&cert, &expected)
+                .map_err(|e| HboneError::Io(std::io::Error::other(e)))?;
+            let name = rustls::pki_types::ServerName::IpAddress(hbone.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, HboneError>(tls)
+        };
+        let pool: Pool<String> = Pool::new(PoolConfig::default());
+        pool.connect(&format!("{ns}/{sa}"), dial, ConnectRequest::new(target))
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_denied_connect_gets_401_and_an_allowed_one_reaches_the_app() {
+        let (pi, pod) = setup();
+        // Istio's example: deny one principal, everyone else gets through.
+        pi.state.apply_delta(Delta {
+            policies: vec![Authorization {
+                name: "deny-ns2".into(),
+                namespace: "ns1".into(),
+                scope: Scope::Namespace as i32,
+                action: Action::Deny as i32,
+                rules: vec![Rule {
+                    clauses: vec![Clause {
+                        matches: vec![Match {
+                            principals: vec![StringMatch {
+                                match_type: Some(MatchType::Exact(
+                                    "cluster.local/ns/ns2/sa/client".into(),
+                                )),
+                            }],
+                            ..Default::default()
+                        }],
+                    }],
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let hbone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hbone_addr = hbone.local_addr().unwrap();
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app_addr = app.local_addr().unwrap();
+        let (_trigger, drain) = drain::new();
+        let server = {
+            let (pi, pod) = (pi.clone(), pod.clone());
+            tokio::spawn(async move {
+                loop {
+                    let (s, peer) = hbone.accept().await.unwrap();
+                    let (pi, pod, drain) = (pi.clone(), pod.clone(), drain.clone());
+                    tokio::spawn(async move { handle(&pi, &pod, s, peer, &drain).await });
+                }
+            })
+        };
+
+        let denied = connect_as(&pi, &pod, "ns2", "client", hbone_addr, app_addr).await;
+        match denied {
+            Err(e) => assert_eq!(e.status(), Some(StatusCode::UNAUTHORIZED), "{e}"),
+            Ok(_) => panic!("the denied principal got a tunnel"),
+        }
+        assert_eq!(denied_count(&pi), 1);
+
+        let mut tunnel = connect_as(&pi, &pod, "ns3", "client", hbone_addr, app_addr)
+            .await
+            .expect("allowed principal gets a tunnel");
+        let (mut upstream, _) = app.accept().await.unwrap();
+        tunnel.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        upstream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        let dump = pi.connections.dump();
+        let c = &dump["connections"][0];
+        assert_eq!(c["protocol"], "HBONE");
+        assert_eq!(c["srcIdentity"], "spiffe://cluster.local/ns/ns3/sa/client");
+        assert_eq!(c["remoteTarget"], app_addr.to_string());
+
+        // Now deny everyone: the open tunnel is closed by the re-check.
+        pi.state.apply_delta(Delta {
+            policies: vec![crate::proxy::test_support::deny_all("deny-all")],
+            ..Default::default()
+        });
+        assert_eq!(pi.connections.revalidate(&pi.state), 1);
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            upstream.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the application side is closed");
+        drop(ended);
+        // It is counted as closed with the DENY flag, like a refused one.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while denied_count(&pi) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}",
+                pi.metrics.encode()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(pi.connections.is_empty());
+        server.abort();
+    }
 }
