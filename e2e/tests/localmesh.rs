@@ -345,3 +345,186 @@ fn cni_chain_captures_mesh_pods_before_they_start_and_leaves_others_alone() {
         7
     );
 }
+
+#[test]
+fn labelling_a_namespace_captures_running_pods_and_unlabelling_releases_them() {
+    if !root_or_skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mesh = start("label");
+    mesh.apply(&namespace_yaml("shop", false)).unwrap();
+    mesh.apply(&service_yaml("shop", "ratings")).unwrap();
+    mesh.apply(&pod_yaml(
+        "shop",
+        "ratings",
+        "node2",
+        RATINGS,
+        &[],
+        Some(9080),
+    ))
+    .unwrap();
+    mesh.apply(&pod_yaml("shop", "client", "node1", CURL, &[], None))
+        .unwrap();
+    mesh.wait_pods_ready("shop", Duration::from_secs(60))
+        .unwrap();
+    let server_ip = mesh.pod_record("shop", "ratings").unwrap().ip;
+    let url = format!("http://{server_ip}:9080/ratings/{}", std::process::id());
+    let marker = format!("/ratings/{}", std::process::id());
+    let link = mesh.topo.node("node2").bridge_port();
+
+    // Before: direct, in plaintext on the node link, not seen by ztunnel.
+    let cap = mesh.topo.capture(mesh.topo.bridge(), &link, "tcp").unwrap();
+    let (ok, body) = curl(&mesh, "shop", "client", &url);
+    assert!(ok, "{body}");
+    let pcap = cap.stop().unwrap();
+    assert!(
+        capture::contains(&pcap, marker.as_bytes()),
+        "plaintext before enrollment"
+    );
+    assert_eq!(opened(&mesh, "node1", "source_workload=\"client\""), 0);
+
+    // Label: both running pods get captured without a restart.
+    mesh.set_ambient("shop", true).unwrap();
+    for pod in ["ratings", "client"] {
+        wait_until(&format!("{pod} captured"), Duration::from_secs(30), || {
+            (annotation(&mesh, "shop", pod) == "enabled" && has_capture_rules(&mesh, "shop", pod))
+                .then(String::new)
+        });
+    }
+    let cap = mesh.topo.capture(mesh.topo.bridge(), &link, "tcp").unwrap();
+    let (ok, body) = curl(&mesh, "shop", "client", &url);
+    assert!(ok, "{body}");
+    let pcap = cap.stop().unwrap();
+    assert!(
+        !capture::contains(&pcap, marker.as_bytes()),
+        "no plaintext once enrolled"
+    );
+    assert!(opened(&mesh, "node1", "source_workload=\"client\"") > 0);
+
+    // Unlabel: released, traffic direct again.
+    mesh.set_ambient("shop", false).unwrap();
+    for pod in ["ratings", "client"] {
+        wait_until(&format!("{pod} released"), Duration::from_secs(30), || {
+            (annotation(&mesh, "shop", pod) == "disabled" && !has_capture_rules(&mesh, "shop", pod))
+                .then(String::new)
+        });
+    }
+    let before = opened(&mesh, "node1", "source_workload=\"client\"");
+    let cap = mesh.topo.capture(mesh.topo.bridge(), &link, "tcp").unwrap();
+    let (ok, body) = curl(&mesh, "shop", "client", &url);
+    assert!(ok, "{body}");
+    let pcap = cap.stop().unwrap();
+    assert!(capture::contains(&pcap, marker.as_bytes()), "direct again");
+    assert_eq!(opened(&mesh, "node1", "source_workload=\"client\""), before);
+}
+
+#[test]
+fn restarts_recapture_every_pod_and_add_fails_closed_without_ztunnel() {
+    if !root_or_skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut mesh = start("restart");
+    mesh.apply(&namespace_yaml("app", true)).unwrap();
+    mesh.apply(&service_yaml("app", "ratings")).unwrap();
+    mesh.apply(&pod_yaml(
+        "app",
+        "ratings",
+        "node2",
+        RATINGS,
+        &[],
+        Some(9080),
+    ))
+    .unwrap();
+    mesh.apply(&pod_yaml("app", "client", "node1", CURL, &[], None))
+        .unwrap();
+    mesh.wait_pods_ready("app", Duration::from_secs(60))
+        .unwrap();
+    let server_ip = mesh.pod_record("app", "ratings").unwrap().ip;
+    let url = format!("http://{server_ip}:9080/ratings/1");
+    let through_mesh = |mesh: &LocalMesh| {
+        let before = opened(mesh, "node1", "source_workload=\"client\"");
+        let (ok, body) = curl(mesh, "app", "client", &url);
+        assert!(ok, "{body}");
+        assert!(
+            opened(mesh, "node1", "source_workload=\"client\"") > before,
+            "went through ztunnel"
+        );
+    };
+    through_mesh(&mesh);
+
+    // ztunnel restarts: it gets the snapshot again and serves the pod.
+    mesh.restart_ztunnel("node1").unwrap();
+    wait_until(
+        "ztunnel to hold the client again",
+        Duration::from_secs(30),
+        || {
+            captured_pods(&mesh, "node1")
+                .contains(&"Kubernetes//Pod/app/client".to_string())
+                .then(String::new)
+        },
+    );
+    through_mesh(&mesh);
+
+    // The agent restarts: it rebuilds its view, pods stay captured.
+    mesh.restart_agent("node1").unwrap();
+    assert!(has_capture_rules(&mesh, "app", "client"));
+    through_mesh(&mesh);
+
+    // Without ztunnel a new mesh pod's ADD fails closed; once ztunnel is
+    // back the kubelet's retry succeeds.
+    mesh.stop_ztunnel("node1").unwrap();
+    mesh.apply(&pod_yaml("app", "late", "node1", CURL, &[], None))
+        .unwrap();
+    wait_until(
+        "a FailedCreatePodSandBox event",
+        Duration::from_secs(60),
+        || {
+            let ev = mesh
+                .kubectl(&[
+                    "get",
+                    "events",
+                    "-n",
+                    "app",
+                    "--field-selector",
+                    "involvedObject.name=late",
+                ])
+                .ok()?;
+            ev.contains("FailedCreatePodSandBox").then_some(ev)
+        },
+    );
+    assert!(
+        mesh.pod_record("app", "late").is_none(),
+        "no process ran uncaptured"
+    );
+    mesh.restart_ztunnel("node1").unwrap();
+    mesh.wait_pods_ready("app", Duration::from_secs(60))
+        .unwrap();
+    assert!(has_capture_rules(&mesh, "app", "late"));
+
+    // Rules deleted by hand: the agent notices, repairs, and says so.
+    let rec = mesh.pod_record("app", "client").unwrap();
+    node_agent::rules::remove(&Netns::from_name(&rec.netns)).unwrap();
+    wait_until(
+        "the agent to repair the rules",
+        Duration::from_secs(30),
+        || has_capture_rules(&mesh, "app", "client").then(String::new),
+    );
+    let agent = mesh.node("node1").agent().unwrap();
+    let logs = format!("{}{}", agent.stdout(), agent.stderr());
+    assert!(
+        logs.contains("app/client"),
+        "the agent's log names the pod:\n{logs}"
+    );
+    let metrics = e2e::local::http_get(mesh.node("node1").agent_metrics, "/metrics")
+        .unwrap()
+        .1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_cni_repair_pods_repaired_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    let _ = mesh.topo.node("node1").netns();
+}
