@@ -17,6 +17,16 @@ fn ambientctl(dir: &Path, args: &[&str]) -> Output {
         .expect("ambientctl runs")
 }
 
+/// `ambientctl ARGS` against the local mesh in `dir`.
+fn actl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(e2e::app::binary("ambientctl").expect("ambientctl is built"))
+        .args(args)
+        .env("AMBIENT_LOCAL_DIR", dir)
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("ambientctl runs")
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",
@@ -95,6 +105,15 @@ fn local_up_bookinfo_exec_curl_over_hbone_and_down_leaves_nothing() {
         "{st}"
     );
 
+    // Every precheck passes on a healthy local mesh.
+    let pre = actl(&dir, &["precheck"]);
+    assert!(pre.status.success(), "{}", text(&pre));
+    assert!(
+        !String::from_utf8_lossy(&pre.stdout).contains('✘'),
+        "{}",
+        text(&pre)
+    );
+
     let samples = repo().join("samples");
     kubectl(
         &kubeconfig,
@@ -112,14 +131,24 @@ fn local_up_bookinfo_exec_curl_over_hbone_and_down_leaves_nothing() {
             &samples.join("curl/curl.yaml").to_string_lossy(),
         ],
     );
-    kubectl(
-        &kubeconfig,
-        &[
-            "label",
-            "namespace",
-            "default",
-            "istio.io/dataplane-mode=ambient",
-        ],
+    let label = actl(&dir, &["label", "namespace", "default"]);
+    assert!(label.status.success(), "{}", text(&label));
+    assert_eq!(
+        String::from_utf8_lossy(&label.stdout).trim(),
+        "namespace/default labeled"
+    );
+    assert_eq!(
+        kubectl(
+            &kubeconfig,
+            &[
+                "get",
+                "namespace",
+                "default",
+                "-o",
+                r#"jsonpath={.metadata.labels.istio\.io/dataplane-mode}"#
+            ]
+        ),
+        "ambient"
     );
     kubectl(
         &kubeconfig,

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::{reset, Pod, PoolKey, ProxyError, ProxyInputs, HBONE_PORT};
+use crate::connections::{ConnProtocol, ConnectionInfo, Direction};
 use crate::metrics::{ConnectionRecorder, Reporter, SecurityPolicy, TcpLabels};
 use crate::state::{Protocol, Resolution, Upstream};
 
@@ -105,6 +106,18 @@ async fn plain(
             return reset(stream);
         }
     };
+    let _tracked = pi.connections.register(ConnectionInfo {
+        pod: format!("{}/{}", pod.namespace, pod.name),
+        pod_namespace: pod.namespace.clone(),
+        pod_uid: pod.uid.clone(),
+        direction: Direction::Outbound,
+        protocol: ConnProtocol::Tcp,
+        local: stream.peer_addr().unwrap_or(dst),
+        remote: dst,
+        remote_target: dst,
+        src_identity: None,
+        dst_identity: None,
+    });
     let rec = ConnectionRecorder::start(pi.metrics.clone(), labels);
     tracing::debug!("passthrough");
     match rec.copy(&mut stream, &mut upstream).await {
@@ -206,6 +219,20 @@ async fn hbone_upstream(
             return Err(e.into());
         }
     };
+    // Listed for `ambientctl zc connections`; outbound connections are never
+    // re-checked against policy (that is the destination's job).
+    let _tracked = pi.connections.register(ConnectionInfo {
+        pod: format!("{}/{}", pod.namespace, pod.name),
+        pod_namespace: pod.namespace.clone(),
+        pod_uid: pod.uid.clone(),
+        direction: Direction::Outbound,
+        protocol: ConnProtocol::Hbone,
+        local: peer,
+        remote: hbone_addr,
+        remote_target: up.addr,
+        src_identity: Some(pod.identity.clone()),
+        dst_identity: Some(up.workload.identity()),
+    });
     let rec = ConnectionRecorder::start(pi.metrics.clone(), labels);
     tracing::debug!(upstream = %up.addr, dst.workload = %up.workload.name, original = %dst, "hbone tunnel established");
     match rec.copy(&mut stream, &mut tunnel).await {
