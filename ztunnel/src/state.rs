@@ -6,7 +6,8 @@
 //! workload it serves. The state is fed Workload API resources (from the local
 //! file today, from xDS later); each resource is validated on the way in, and
 //! a bad one is rejected with its name and the field at fault while the rest
-//! keeps serving.
+//! keeps serving. Which destinations sit behind a waypoint, and which
+//! waypoint pod they go to, is in `state/waypoint.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -18,6 +19,9 @@ use mesh_core::identity::Identity;
 use mesh_core::proto::security::Authorization;
 use mesh_core::proto::workload as pb;
 use serde::Serialize;
+
+mod waypoint;
+pub use waypoint::{OutboundRoute, WaypointUpstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -62,8 +66,32 @@ pub enum HealthStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayAddress {
+    /// `<network>/<ip>` or `<namespace>/<hostname>`, as the admin dump shows it.
     pub destination: String,
     pub hbone_mtls_port: u32,
+    /// The same destination, kept typed: the string alone cannot tell a
+    /// hostname from an address.
+    #[serde(skip)]
+    pub target: GatewayTarget,
+}
+
+/// What a [`GatewayAddress`] names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayTarget {
+    /// A Service (usually the waypoint's own), by `<namespace>/<hostname>`.
+    Hostname { namespace: String, hostname: String },
+    /// A service VIP or a workload address on a network.
+    Address { network: String, ip: IpAddr },
+}
+
+impl GatewayAddress {
+    /// The port to dial: the declared HBONE port, 15008 when left unset.
+    pub fn port(&self) -> u16 {
+        u16::try_from(self.hbone_mtls_port)
+            .ok()
+            .filter(|p| *p != 0)
+            .unwrap_or(crate::proxy::HBONE_PORT)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -447,10 +475,11 @@ fn gateway(
     g: &Option<pb::GatewayAddress>,
 ) -> Result<Option<GatewayAddress>, StateError> {
     let Some(g) = g else { return Ok(None) };
-    let destination = match &g.destination {
-        Some(pb::gateway_address::Destination::Hostname(h)) => {
-            format!("{}/{}", h.namespace, h.hostname)
-        }
+    let target = match &g.destination {
+        Some(pb::gateway_address::Destination::Hostname(h)) => GatewayTarget::Hostname {
+            namespace: h.namespace.clone(),
+            hostname: h.hostname.clone(),
+        },
         Some(pb::gateway_address::Destination::Address(a)) => {
             let ip = ip_from_bytes(&a.address).ok_or_else(|| {
                 invalid(
@@ -460,13 +489,24 @@ fn gateway(
                     "not an IPv4 or IPv6 address",
                 )
             })?;
-            format!("{}/{}", a.network, ip)
+            GatewayTarget::Address {
+                network: a.network.clone(),
+                ip,
+            }
         }
         None => return Err(invalid(kind, name, field, "no destination")),
+    };
+    let destination = match &target {
+        GatewayTarget::Hostname {
+            namespace,
+            hostname,
+        } => format!("{namespace}/{hostname}"),
+        GatewayTarget::Address { network, ip } => format!("{network}/{ip}"),
     };
     Ok(Some(GatewayAddress {
         destination,
         hbone_mtls_port: g.hbone_mtls_port,
+        target,
     }))
 }
 

@@ -5,12 +5,20 @@
 //! (HBONE) destination is reached over HBONE at its 15008 with its identity
 //! expected — never in plaintext; a destination outside the mesh is passed
 //! through as it was addressed.
+//!
+//! A destination behind a waypoint (a service VIP whose Service has one, or
+//! a pod IP whose Workload has one) is sent over HBONE to a waypoint pod's
+//! HBONE port instead, with the original `<vip>:<port>` / `<pod ip>:<port>`
+//! as the CONNECT authority and the waypoint's identity expected; if no
+//! waypoint pod is healthy the connection is reset, never sent around the
+//! waypoint. A pod that is itself the waypoint goes direct (no loop).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_core::hbone::headers;
 use mesh_core::hbone::{ConnectRequest, HboneError};
+use mesh_core::identity::Identity;
 use mesh_core::tls;
 use tokio::net::TcpStream;
 use tracing::Instrument;
@@ -18,7 +26,7 @@ use tracing::Instrument;
 use super::{reset, Pod, PoolKey, ProxyError, ProxyInputs, HBONE_PORT};
 use crate::connections::{ConnProtocol, ConnectionInfo, Direction};
 use crate::metrics::{ConnectionRecorder, Reporter, SecurityPolicy, TcpLabels};
-use crate::state::{Protocol, Resolution, Upstream};
+use crate::state::{OutboundRoute, Protocol, Resolution, Service, Workload};
 
 pub async fn handle(pi: &Arc<ProxyInputs>, pod: &Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
     let dst = match crate::sys::original_dst(&stream) {
@@ -28,6 +36,19 @@ pub async fn handle(pi: &Arc<ProxyInputs>, pod: &Arc<Pod>, stream: TcpStream, pe
             return reset(stream);
         }
     };
+    forward(pi, pod, stream, peer, dst).await
+}
+
+/// Carry one captured connection of `pod` (from `peer`) whose original
+/// destination was `dst`: to the destination's waypoint, to the destination
+/// itself over HBONE, or passed through, as the mesh state says.
+pub async fn forward(
+    pi: &Arc<ProxyInputs>,
+    pod: &Arc<Pod>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) {
     let span = tracing::info_span!("outbound", src.addr = %peer, dst.addr = %dst, src.workload = %pod.name);
     async move {
         // Fail closed: before the first state arrives a mesh destination
@@ -42,25 +63,82 @@ pub async fn handle(pi: &Arc<ProxyInputs>, pod: &Arc<Pod>, stream: TcpStream, pe
             );
             return reset(stream);
         }
-        if pi
+        let src = pi
             .state
             .wait_for_workload(&pod.uid, super::LOCAL_WORKLOAD_WAIT)
-            .await
-            .is_none()
-        {
+            .await;
+        if src.is_none() {
             tracing::debug!(
                 "the pod's own workload is not in the mesh state yet; going on without it"
             );
         }
         let network = pod.network(pi);
-        match pi.state.resolve(&network, dst) {
+        let resolution = match pi.state.resolve_outbound(&network, src.as_deref(), dst) {
+            OutboundRoute::Direct(r) => r,
+            OutboundRoute::Waypoint {
+                waypoint,
+                authority,
+                service,
+                workload: _,
+            } => {
+                tracing::debug!(
+                    waypoint = %waypoint.workload.name,
+                    waypoint.addr = %waypoint.hbone_addr,
+                    "destination has a waypoint; sending through it"
+                );
+                let target = Target {
+                    hbone_addr: waypoint.hbone_addr,
+                    authority,
+                    expected: waypoint.expected_identities(),
+                    // The peer we reach and whose identity we check is the
+                    // waypoint; the addressed service stays the metrics'
+                    // destination service.
+                    peer: waypoint.workload.clone(),
+                    service,
+                    via_waypoint: true,
+                };
+                if let Err(e) = hbone_upstream(pi, pod, stream, peer, dst, target).await {
+                    tracing::warn!(error = %e, "outbound connection through waypoint failed");
+                }
+                return;
+            }
+            OutboundRoute::NoHealthyWaypoint {
+                destination,
+                waypoint,
+                reason,
+            } => {
+                // Never around the waypoint: its policies would be bypassed.
+                tracing::warn!(
+                    destination = %destination,
+                    waypoint = %waypoint,
+                    error = %reason,
+                    "no healthy waypoint: resetting connection"
+                );
+                return reset(stream);
+            }
+        };
+        match resolution {
             Resolution::Upstream(up) if up.workload.protocol == Protocol::Hbone => {
-                if let Err(e) = hbone_upstream(pi, pod, stream, peer, dst, up).await {
+                let target = Target {
+                    hbone_addr: SocketAddr::new(up.addr.ip(), HBONE_PORT),
+                    authority: up.addr,
+                    expected: up.expected_identities(),
+                    peer: up.workload.clone(),
+                    service: up.service.clone(),
+                    via_waypoint: false,
+                };
+                if let Err(e) = hbone_upstream(pi, pod, stream, peer, dst, target).await {
                     tracing::warn!(error = %e, "outbound connection failed");
                 }
             }
             Resolution::Upstream(up) => {
-                let labels = labels(pi, pod, Some(&up), SecurityPolicy::none);
+                let labels = labels(
+                    pi,
+                    pod,
+                    Some(&up.workload),
+                    up.service.as_deref(),
+                    SecurityPolicy::none,
+                );
                 plain(pi, pod, stream, up.addr, labels).await
             }
             Resolution::NoHealthyEndpoint { service, port } => {
@@ -69,7 +147,7 @@ pub async fn handle(pi: &Arc<ProxyInputs>, pod: &Arc<Pod>, stream: TcpStream, pe
                 reset(stream)
             }
             Resolution::Passthrough => {
-                let labels = labels(pi, pod, None, SecurityPolicy::none);
+                let labels = labels(pi, pod, None, None, SecurityPolicy::none);
                 plain(pi, pod, stream, dst, labels).await
             }
         }
@@ -78,14 +156,37 @@ pub async fn handle(pi: &Arc<ProxyInputs>, pod: &Arc<Pod>, stream: TcpStream, pe
     .await
 }
 
-fn labels(pi: &ProxyInputs, pod: &Pod, up: Option<&Upstream>, sec: SecurityPolicy) -> TcpLabels {
+/// Where one HBONE tunnel goes: the next hop (the destination pod or its
+/// waypoint) and what is asked of it.
+struct Target {
+    /// The next hop's HBONE address.
+    hbone_addr: SocketAddr,
+    /// The CONNECT authority: the chosen endpoint, or the original
+    /// destination when going through a waypoint.
+    authority: SocketAddr,
+    /// Identities the next hop may present.
+    expected: Vec<Identity>,
+    /// The next hop's workload.
+    peer: Arc<Workload>,
+    /// The service the client addressed, if any.
+    service: Option<Arc<Service>>,
+    via_waypoint: bool,
+}
+
+fn labels(
+    pi: &ProxyInputs,
+    pod: &Pod,
+    dst: Option<&Workload>,
+    service: Option<&Service>,
+    sec: SecurityPolicy,
+) -> TcpLabels {
     let src = pi.state.workload_by_uid(&pod.uid);
     TcpLabels::new(
         Reporter::source,
         src.as_deref(),
         Some(pod.identity.to_string()),
-        up.map(|u| u.workload.as_ref()),
-        up.and_then(|u| u.service.as_deref()),
+        dst,
+        service,
         sec,
     )
 }
@@ -138,7 +239,7 @@ async fn hbone_upstream(
     mut stream: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-    up: Upstream,
+    target: Target,
 ) -> Result<(), ProxyError> {
     let cert = match pi.certs.get(&pod.identity).await {
         Ok(c) => c,
@@ -150,10 +251,10 @@ async fn hbone_upstream(
             });
         }
     };
-    let expected = up.expected_identities();
+    let expected = target.expected.clone();
     let mut dst_identities = expected.clone();
     dst_identities.sort();
-    let hbone_addr = SocketAddr::new(up.addr.ip(), HBONE_PORT);
+    let hbone_addr = target.hbone_addr;
     let key = PoolKey {
         src_identity: pod.identity.clone(),
         dst_identities,
@@ -182,7 +283,7 @@ async fn hbone_upstream(
         Ok::<_, HboneError>(tls)
     };
     let mut hdrs = http::HeaderMap::new();
-    let host = up.service.as_ref().map(|s| s.hostname.as_str());
+    let host = target.service.as_ref().map(|s| s.hostname.as_str());
     if let Ok(v) = headers::forwarded(peer, host) {
         hdrs.insert(http::header::FORWARDED, v);
     }
@@ -208,8 +309,14 @@ async fn hbone_upstream(
             hdrs.insert(headers::BAGGAGE, v);
         }
     }
-    let req = ConnectRequest::new(up.addr).with_headers(hdrs);
-    let mut labels = labels(pi, pod, Some(&up), SecurityPolicy::mutual_tls);
+    let req = ConnectRequest::new(target.authority).with_headers(hdrs);
+    let mut labels = labels(
+        pi,
+        pod,
+        Some(&target.peer),
+        target.service.as_deref(),
+        SecurityPolicy::mutual_tls,
+    );
     let mut tunnel = match pi.pool.connect(&key, dial, req).await {
         Ok(t) => t,
         Err(e) => {
@@ -229,17 +336,24 @@ async fn hbone_upstream(
         protocol: ConnProtocol::Hbone,
         local: peer,
         remote: hbone_addr,
-        remote_target: up.addr,
+        remote_target: target.authority,
         src_identity: Some(pod.identity.clone()),
-        dst_identity: Some(up.workload.identity()),
+        dst_identity: Some(target.peer.identity()),
     });
     let rec = ConnectionRecorder::start(pi.metrics.clone(), labels);
-    tracing::debug!(upstream = %up.addr, dst.workload = %up.workload.name, original = %dst, "hbone tunnel established");
+    tracing::debug!(
+        authority = %target.authority,
+        dst.workload = %target.peer.name,
+        original = %dst,
+        waypoint = target.via_waypoint,
+        "hbone tunnel established"
+    );
     match rec.copy(&mut stream, &mut tunnel).await {
         Ok((sent, recv)) => {
             tracing::info!(
-                dst.workload = %up.workload.name,
-                dst.identity = %up.workload.identity(),
+                dst.workload = %target.peer.name,
+                dst.identity = %target.peer.identity(),
+                waypoint = target.via_waypoint,
                 dst.hbone_addr = %hbone_addr,
                 bytes_sent = sent,
                 bytes_recv = recv,
