@@ -1,7 +1,8 @@
 //! `ambientctl`: the mesh's command-line tool, with `istioctl`'s verbs where
 //! they exist: `local` (the local mesh: up, down, status, exec), `zc` /
-//! `ztunnel-config` (a ztunnel's view), `label namespace` (enrollment) and
-//! `precheck` (is the cluster or local mesh ready for the mesh).
+//! `ztunnel-config` (a ztunnel's view), `label namespace` (enrollment),
+//! `waypoint` (apply, list, delete, status of waypoints) and `precheck` (is
+//! the cluster or local mesh ready for the mesh).
 
 #![forbid(unsafe_code)]
 
@@ -9,6 +10,7 @@ mod kubeclient;
 mod label;
 mod local;
 mod precheck;
+mod waypoint;
 mod zc;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +39,9 @@ enum Command {
     Label(label::LabelArgs),
     /// Check that the cluster (or the local mesh) is ready for the mesh.
     Precheck(precheck::PrecheckArgs),
+    /// Manage waypoints: the L7 proxies of a namespace or service
+    /// (Gateways of class istio-waypoint).
+    Waypoint(waypoint::WaypointArgs),
 }
 
 fn main() {
@@ -55,6 +60,7 @@ fn main() {
         Command::Zc(args) => zc::run(args).map_err(|e| anyhow::anyhow!("{e}")),
         Command::Label(args) => label::run(args).map_err(|e| anyhow::anyhow!("{e}")),
         Command::Precheck(args) => precheck::run(args).map_err(|e| anyhow::anyhow!("{e}")),
+        Command::Waypoint(args) => waypoint::run(args).map_err(|e| anyhow::anyhow!("{e}")),
     };
     std::process::exit(match code {
         Ok(code) => code,
@@ -117,5 +123,36 @@ mod tests {
         assert!(parses(&["label", "ns", "bookinfo", "--remove"]));
         assert!(parses(&["precheck"]));
         assert!(parses(&["precheck", "-i", "mesh-system"]));
+        assert!(parses(&["waypoint", "apply"]));
+        assert!(parses(&[
+            "waypoint",
+            "apply",
+            "-n",
+            "bookinfo",
+            "--name",
+            "reviews-wp",
+            "--enroll-namespace",
+            "--for",
+            "workload",
+            "--wait",
+            "--timeout",
+            "30"
+        ]));
+        assert!(parses(&[
+            "waypoint",
+            "apply",
+            "-w",
+            "--waypoint-timeout",
+            "2m"
+        ]));
+        assert!(!parses(&["waypoint", "apply", "--for", "everything"]));
+        assert!(parses(&["waypoint", "generate", "--for", "all"]));
+        assert!(parses(&["waypoint", "list", "-A"]));
+        assert!(parses(&["waypoint", "list", "-n", "bookinfo"]));
+        assert!(parses(&["waypoint", "delete", "a", "b", "-n", "x"]));
+        assert!(parses(&["waypoint", "delete", "--all"]));
+        assert!(parses(&[
+            "waypoint", "status", "--name", "waypoint", "-n", "x"
+        ]));
     }
 }

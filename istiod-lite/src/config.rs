@@ -1,7 +1,9 @@
 //! istiod-lite's configuration, read once at start from the environment
 //! (names follow istiod's where one exists: `CLUSTER_ID`, `TRUST_DOMAIN`,
 //! `POD_NAMESPACE`, `CA_TRUSTED_NODE_ACCOUNTS`, `XDS_AUTH`,
-//! `DEFAULT_WORKLOAD_CERT_TTL`, `MAX_WORKLOAD_CERT_TTL`, `ROOT_NAMESPACE`).
+//! `DEFAULT_WORKLOAD_CERT_TTL`, `MAX_WORKLOAD_CERT_TTL`, `ROOT_NAMESPACE`),
+//! plus `WAYPOINT_IMAGE` and `WAYPOINT_XDS_ADDRESS` for the waypoints it
+//! provisions.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -82,6 +84,11 @@ pub struct Config {
     /// Only namespaces carrying all these labels are part of the mesh
     /// (Istio's `discoverySelectors`, one `matchLabels`); empty = all.
     pub discovery_selector: BTreeMap<String, String>,
+    /// Image of the waypoints it provisions (`WAYPOINT_IMAGE`).
+    pub waypoint_image: String,
+    /// The address waypoints get xDS and certificates from
+    /// (`WAYPOINT_XDS_ADDRESS`, default `https://istiod.<namespace>.svc:15012`).
+    pub waypoint_xds_address: String,
 }
 
 impl Config {
@@ -155,7 +162,18 @@ impl Config {
                 }
             }
         }
+        let namespace = env
+            .var("POD_NAMESPACE")
+            .unwrap_or_else(|| "istio-system".into());
         Ok(Config {
+            waypoint_image: env
+                .var("WAYPOINT_IMAGE")
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| crate::waypoints::DEFAULT_IMAGE.into()),
+            waypoint_xds_address: env
+                .var("WAYPOINT_XDS_ADDRESS")
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| format!("https://istiod.{namespace}.svc:15012")),
             discovery_selector,
             source,
             grpc_addr: parse_var(env, "GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 15012)))?,
@@ -166,9 +184,7 @@ impl Config {
             domain_suffix: env
                 .var("DOMAIN_SUFFIX")
                 .unwrap_or_else(|| "cluster.local".into()),
-            namespace: env
-                .var("POD_NAMESPACE")
-                .unwrap_or_else(|| "istio-system".into()),
+            namespace,
             root_namespace: env
                 .var("ROOT_NAMESPACE")
                 .filter(|n| !n.is_empty())
@@ -220,6 +236,18 @@ mod tests {
             [Identity::new("cluster.local", "istio-system", "ztunnel")]
         );
         assert!(c.xds_auth);
+        assert_eq!(c.waypoint_image, "ghcr.io/ambient-mesh/waypoint:0.1.0");
+        assert_eq!(
+            c.waypoint_xds_address,
+            "https://istiod.istio-system.svc:15012"
+        );
+        let w = Config::from_env(&[
+            ("POD_NAMESPACE", "mesh"),
+            ("WAYPOINT_IMAGE", "example/wp:1"),
+        ])
+        .unwrap();
+        assert_eq!(w.waypoint_image, "example/wp:1");
+        assert_eq!(w.waypoint_xds_address, "https://istiod.mesh.svc:15012");
         let c = Config::from_env(&[
             ("CONFIG_DIR", "/x"),
             ("ISTIOD_SANS", "10.0.0.1, istiod.example"),

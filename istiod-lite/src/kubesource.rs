@@ -279,7 +279,7 @@ fn watch_crd<K: Kind>(
                         }
                         return Some((None, None));
                     }
-                    Err(kube::Error::Api(s)) if s.is_not_found() || s.code == 403 => {
+                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 403 => {
                         if !released {
                             tracing::warn!(
                                 kind = K::NAME,

@@ -5,7 +5,8 @@
 //! of YAML, [`dirsource`]), turns them into Istio's Workload API
 //! ([`translate`]), pushes what changed to every ztunnel over delta xDS
 //! ([`push`]), signs the certificates ztunnels use for HBONE ([`ca`]) and
-//! publishes the root they trust ([`rootcm`]).
+//! publishes the root they trust ([`rootcm`]), and provisions the waypoints
+//! Gateways ask for ([`waypoints`]).
 //! [`server`] holds its listeners; [`start`] wires it all.
 
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod push;
 pub mod rootcm;
 pub mod server;
 pub mod translate;
+pub mod waypoints;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -168,6 +170,16 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
             c.clone(),
             root_pem.clone(),
             cfg.discovery_selector.clone(),
+            drain.clone(),
+        ));
+        tokio::spawn(waypoints::run(
+            c.clone(),
+            waypoints::WaypointSettings {
+                image: cfg.waypoint_image.clone(),
+                xds_address: cfg.waypoint_xds_address.clone(),
+                trust_domain: cfg.trust_domain.clone(),
+                cluster_id: cfg.cluster_id.clone(),
+            },
             drain.clone(),
         ));
     } else if let Source::Dir(dir) = &cfg.source {
