@@ -19,6 +19,7 @@ const PROTOS: &[&str] = &[
     "xds_node.proto",
     "rpc_status.proto",
     "discovery.proto",
+    "waypoint.proto",
 ];
 
 /// Well-known types come from pbjson-types rather than prost-types, because
@@ -63,7 +64,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .out_dir(&out_dir)
         .register_descriptors(&descriptor_bytes)?
         .extern_path(WELL_KNOWN.0, WELL_KNOWN.1)
-        .build(&[".istio"])?;
+        .build(&[".istio", ".ambient"])?;
 
     Ok(())
 }

@@ -71,6 +71,20 @@ pub mod ca {
         "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 }
 
+/// `ambient.waypoint.v1`: L7 routes and traffic policy of the services
+/// behind a waypoint (our own type, pushed next to the Workload API).
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    rustdoc::bare_urls,
+    rustdoc::invalid_html_tags
+)]
+pub mod waypoint {
+    include!(concat!(env!("OUT_DIR"), "/ambient.waypoint.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/ambient.waypoint.v1.serde.rs"));
+}
+
 /// Envoy xDS packages: the delta ADS stream (`envoy.service.discovery.v3`)
 /// and the node identity it carries (`envoy.config.core.v3`). Nested to
 /// mirror the proto packages because generated code refers across them with
@@ -120,6 +134,10 @@ pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 
 /// xDS type URL of [`security::Authorization`] resources.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+
+/// xDS type URL of [`waypoint::ServiceRoutes`] resources (one per service
+/// behind a waypoint, named by the service hostname).
+pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/ambient.waypoint.v1.ServiceRoutes";
 
 #[cfg(test)]
 mod tests {

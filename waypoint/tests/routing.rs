@@ -1,0 +1,815 @@
+//! End-to-end routing through an in-process waypoint, no root needed: a
+//! client opens an HBONE `CONNECT` to the waypoint for `VIP:port` and
+//! speaks HTTP/1.1 or h2c inside it; the waypoint routes each request and
+//! forwards it over HBONE to backends that are mesh-core HBONE servers in
+//! front of a tiny HTTP app, each on its own loopback address.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_core::ca::CertificateAuthority;
+use mesh_core::certs::{CertificateManager, LocalCaProvider, RotationConfig};
+use mesh_core::hbone::{self, ConnectRequest, Pool, Responder, ServerConfig};
+use mesh_core::identity::Identity;
+use serde_json::{json, Value};
+
+const VIP: &str = "10.96.0.20";
+const PORT: u16 = 9080;
+const HOST: &str = "reviews.default.svc.cluster.local";
+
+/// Each test gets its own 127.77.<block>.0/24 for backends, so tests can
+/// run in parallel on the same port.
+static NEXT_BLOCK: AtomicU8 = AtomicU8::new(1);
+
+/// `<pod> <authority> <path>` of every request any backend served.
+static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+const MIRROR_HOST: &str = "reviews-mirror.default.svc.cluster.local";
+const MIRROR_VIP: &str = "10.96.0.21";
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    _drain: mesh_core::drain::Trigger,
+    waypoint: SocketAddr,
+    admin: SocketAddr,
+    client_certs: CertificateManager,
+    metrics: waypoint::metrics::Metrics,
+}
+
+/// A backend pod: name, version label, and the address it listens on.
+struct Backend {
+    name: &'static str,
+    version: &'static str,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The tiny app behind each backend: echoes what it saw as JSON;
+/// `/delay/<ms>` sleeps first.
+async fn app(
+    pod: &'static str,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    if pod.contains("bad") && path == "/flaky" {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"flaky")));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(r);
+    }
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let h = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| h("host"));
+    SEEN.lock()
+        .unwrap()
+        .push(format!("{pod} {authority} {path}"));
+    let body = json!({
+        "pod": pod,
+        "path": path,
+        "query": req.uri().query().unwrap_or(""),
+        "authority": authority,
+        "version": format!("{:?}", req.version()),
+        "xff": h("x-forwarded-for"),
+        "request_id": h("x-request-id"),
+        "traceparent": h("traceparent"),
+        "x_added": h("x-added"),
+    });
+    Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
+}
+
+async fn start_backend(
+    ca: Arc<CertificateAuthority>,
+    addr: SocketAddr,
+    b: &Backend,
+) -> anyhow::Result<()> {
+    let certs = CertificateManager::new(
+        Arc::new(LocalCaProvider::new(ca, Duration::from_secs(3600))),
+        RotationConfig::default(),
+    );
+    let id = Identity::new("cluster.local", "default", format!("sa-{}", b.name));
+    let cert = certs.get(&id).await?;
+    let tls = mesh_core::tls::server_config(&cert)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding backend {addr}"))?;
+    let pod = b.name;
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await else {
+                    return;
+                };
+                let handler = move |_req: ConnectRequest, responder: Responder| async move {
+                    let Ok(tunnel) = responder.accept() else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |r| app(pod, r));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tunnel), svc)
+                        .await;
+                };
+                let _ = hbone::serve_connection(
+                    stream,
+                    &ServerConfig::default(),
+                    handler,
+                    std::future::pending(),
+                )
+                .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn workload(name: &str, version: &str, ip: IpAddr, host: &str) -> Value {
+    json!({"workload": {
+        "uid": format!("Kubernetes//Pod/default/{name}"),
+        "name": name,
+        "namespace": "default",
+        "addresses": [ip.to_string()],
+        "serviceAccount": format!("sa-{name}"),
+        "tunnelProtocol": "HBONE",
+        "canonicalName": "reviews",
+        "canonicalRevision": version,
+        "workloadName": format!("reviews-{version}"),
+        "services": {format!("default/{host}"): {"ports": [{"servicePort": PORT, "targetPort": PORT}]}},
+    }})
+}
+
+/// Starts backends and a waypoint whose local config has the `reviews`
+/// service, the backends as its endpoints, and `routes` (ServiceRoutes
+/// JSON for `reviews`, or null for none).
+async fn mesh(backends: &[Backend], routes: Value) -> anyhow::Result<Mesh> {
+    mesh_with_mirror(backends, &[], routes).await
+}
+
+/// As [`mesh`], plus a `reviews-mirror` service served by `mirrors`.
+async fn mesh_with_mirror(
+    backends: &[Backend],
+    mirrors: &[Backend],
+    routes: Value,
+) -> anyhow::Result<Mesh> {
+    let block = NEXT_BLOCK.fetch_add(1, Ordering::Relaxed);
+    let dir = tempfile::tempdir()?;
+    let ca = CertificateAuthority::generate("cluster.local")?;
+    ca.write_dir(dir.path().join("ca"))?;
+    let ca = Arc::new(ca);
+    let port = free_port();
+    let mut addresses = vec![json!({"service": {
+        "name": "reviews", "namespace": "default", "hostname": HOST,
+        "addresses": [{"address": VIP}],
+        "ports": [{"servicePort": PORT, "targetPort": PORT}],
+    }})];
+    addresses.push(json!({"service": {
+        "name": "reviews-mirror", "namespace": "default", "hostname": MIRROR_HOST,
+        "addresses": [{"address": MIRROR_VIP}],
+        "ports": [{"servicePort": PORT, "targetPort": PORT}],
+    }}));
+    let all = backends
+        .iter()
+        .map(|b| (b, HOST))
+        .chain(mirrors.iter().map(|b| (b, MIRROR_HOST)));
+    for (i, (b, host)) in all.enumerate() {
+        let ip: IpAddr = format!("127.77.{block}.{}", i + 1).parse()?;
+        start_backend(ca.clone(), SocketAddr::new(ip, port), b).await?;
+        addresses.push(workload(b.name, b.version, ip, host));
+    }
+    let routes = if routes.is_null() {
+        json!([])
+    } else {
+        json!([routes])
+    };
+    let file = dir.path().join("config.yaml");
+    std::fs::write(
+        &file,
+        serde_json::to_string_pretty(&json!({"addresses": addresses, "routes": routes}))?,
+    )?;
+    let ca_dir = dir.path().join("ca").display().to_string();
+    let file_s = file.display().to_string();
+    let port_s = port.to_string();
+    let cfg = waypoint::config::Config::from_env(&[
+        ("LOCAL_XDS_PATH", file_s.as_str()),
+        ("LOCAL_CA_DIR", ca_dir.as_str()),
+        ("HBONE_ADDR", "127.0.0.1:0"),
+        ("ADMIN_ADDR", "127.0.0.1:0"),
+        ("STATS_ADDR", "127.0.0.1:0"),
+        ("READINESS_ADDR", "127.0.0.1:0"),
+        ("UPSTREAM_HBONE_PORT", port_s.as_str()),
+        ("POD_NAMESPACE", "default"),
+        ("SERVICE_ACCOUNT", "waypoint"),
+    ])?;
+    let (trigger, watch) = mesh_core::drain::new();
+    let app = waypoint::start(cfg, watch).await?;
+    tokio::time::timeout(Duration::from_secs(10), app.ready.wait_ready())
+        .await
+        .context("waypoint not ready")?;
+    let client_certs = CertificateManager::new(
+        Arc::new(LocalCaProvider::new(ca, Duration::from_secs(3600))),
+        RotationConfig::default(),
+    );
+    Ok(Mesh {
+        _dir: dir,
+        _drain: trigger,
+        waypoint: app.hbone_addr,
+        admin: app.admin_addr,
+        client_certs,
+        metrics: app.metrics,
+    })
+}
+
+/// One HTTP connection inside one HBONE tunnel to the waypoint.
+enum Client {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+    fn pod(&self) -> String {
+        self.json()["pod"].as_str().unwrap_or("").to_string()
+    }
+}
+
+impl Mesh {
+    async fn client(&self, h2: bool) -> anyhow::Result<Client> {
+        let io = TokioIo::new(self.tunnel().await?);
+        Ok(if h2 {
+            let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            Client::H2(s)
+        } else {
+            let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            Client::H1(s)
+        })
+    }
+
+    /// An HBONE tunnel to the waypoint for the reviews VIP.
+    async fn tunnel(&self) -> anyhow::Result<hbone::H2Stream> {
+        let id = Identity::new("cluster.local", "default", "productpage");
+        let cert = self.client_certs.get(&id).await?;
+        let expected = vec![Identity::new("cluster.local", "default", "waypoint")];
+        let wp = self.waypoint;
+        let dial = move || async move {
+            let tcp = tokio::net::TcpStream::connect(wp).await?;
+            let cfg =
+                mesh_core::tls::client_config(&cert, &expected).map_err(std::io::Error::other)?;
+            let name = rustls::pki_types::ServerName::IpAddress(wp.ip().into());
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+        };
+        let pool: Pool<u8> = Pool::new(hbone::PoolConfig::default());
+        let vip: SocketAddr = SocketAddr::new(VIP.parse()?, PORT);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::FORWARDED,
+            hbone::headers::forwarded("10.244.1.5:40000".parse()?, Some(HOST))?,
+        );
+        Ok(pool
+            .connect(&0, dial, ConnectRequest::new(vip).with_headers(headers))
+            .await?)
+    }
+}
+
+impl Client {
+    async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Reply> {
+        let mut b = Request::builder().method("GET");
+        b = match self {
+            Client::H1(_) => b.uri(path).header("host", "reviews:9080"),
+            Client::H2(_) => b
+                .uri(format!("http://reviews:9080{path}"))
+                .version(http::Version::HTTP_2),
+        };
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(Bytes::new()))?;
+        let resp = match self {
+            Client::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+            Client::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+        };
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
+
+async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))?;
+    let resp = s.send_request(req).await?;
+    Ok(String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned())
+}
+
+fn reviews_backends() -> Vec<Backend> {
+    vec![
+        Backend {
+            name: "reviews-v1-a",
+            version: "v1",
+        },
+        Backend {
+            name: "reviews-v2-a",
+            version: "v2",
+        },
+    ]
+}
+
+fn subsets() -> Value {
+    json!([
+        {"name": "v1", "labels": {"version": "v1"}},
+        {"name": "v2", "labels": {"version": "v2"}},
+    ])
+}
+
+#[tokio::test]
+async fn default_route_reaches_backends_over_http1_and_h2c() -> anyhow::Result<()> {
+    let mesh = mesh(&reviews_backends(), Value::Null).await?;
+    let mut seen = std::collections::BTreeSet::new();
+    for h2 in [false, true] {
+        let mut c = mesh.client(h2).await?;
+        for _ in 0..4 {
+            let r = c
+                .get("/reviews/1?x=1", &[("x-request-id", "rid-1")])
+                .await?;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            let j = r.json();
+            assert_eq!(j["path"], "/reviews/1");
+            assert_eq!(j["query"], "x=1");
+            assert_eq!(
+                j["xff"], "10.244.1.5",
+                "x-forwarded-for is the original client"
+            );
+            assert_eq!(j["request_id"], "rid-1");
+            assert_eq!(j["traceparent"].as_str().unwrap().len(), 55);
+            assert_eq!(j["version"], if h2 { "HTTP/2.0" } else { "HTTP/1.1" });
+            assert_eq!(j["authority"], "reviews:9080");
+            seen.insert(r.pod());
+        }
+        // A generated request id when the client sent none.
+        let r = c.get("/", &[]).await?;
+        assert_eq!(r.json()["request_id"].as_str().unwrap().len(), 36);
+    }
+    assert_eq!(seen.len(), 2, "round robin over both endpoints: {seen:?}");
+    let dump = admin_get(mesh.admin, "/config_dump").await?;
+    assert!(
+        dump.contains("reviews-v1-a") && dump.contains(HOST),
+        "{dump}"
+    );
+    assert!(
+        dump.contains("spiffe://cluster.local/ns/default/sa/waypoint"),
+        "{dump}"
+    );
+    let text = mesh.metrics.encode();
+    assert!(
+        text.contains("istio_requests_total{reporter=\"waypoint\""),
+        "{text}"
+    );
+    assert!(text.contains("destination_service=\"reviews.default.svc.cluster.local\""));
+    assert!(text.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/productpage\""));
+    assert!(text.contains("istio_request_duration_milliseconds_bucket"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn header_match_routes_to_subset() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "ports": [{"port": PORT, "protocol": "HTTP"}],
+        "httpRoutes": [
+            {"name": "jason",
+             "matches": [{"headers": [{"name": "end-user", "exact": "jason"}]}],
+             "route": {"destinations": [{"host": HOST, "subset": "v2"}]},
+             "requestHeaders": {"set": {"x-added": "yes"}},
+             "responseHeaders": {"add": {"x-route": "jason"}}},
+            {"name": "rest", "route": {"destinations": [{"host": "reviews", "subset": "v1"}]}},
+        ],
+        "subsets": subsets(),
+    });
+    let mesh = mesh(&reviews_backends(), routes).await?;
+    for h2 in [false, true] {
+        let mut c = mesh.client(h2).await?;
+        for _ in 0..5 {
+            let r = c.get("/", &[("end-user", "jason")]).await?;
+            assert_eq!(r.pod(), "reviews-v2-a", "{}", r.body);
+            assert_eq!(r.json()["x_added"], "yes");
+            assert_eq!(r.headers["x-route"], "jason");
+            let r = c.get("/", &[("end-user", "other")]).await?;
+            assert_eq!(r.pod(), "reviews-v1-a", "{}", r.body);
+            assert!(!r.headers.contains_key("x-route"));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn weights_split_80_20() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "httpRoutes": [{"name": "split", "route": {"destinations": [
+            {"host": HOST, "subset": "v1", "weight": 80},
+            {"host": HOST, "subset": "v2", "weight": 20},
+        ]}}],
+        "subsets": subsets(),
+    });
+    let mesh = mesh(&reviews_backends(), routes).await?;
+    let mut c = mesh.client(true).await?;
+    let mut v1 = 0;
+    for _ in 0..200 {
+        let r = c.get("/", &[]).await?;
+        assert_eq!(r.status, StatusCode::OK);
+        if r.pod() == "reviews-v1-a" {
+            v1 += 1;
+        }
+    }
+    // Binomial(200, 0.8): mean 160, sd ~5.7; +-25 is over 4 sd.
+    assert!((135..=185).contains(&v1), "v1 got {v1} of 200");
+    Ok(())
+}
+
+#[tokio::test]
+async fn fault_abort_and_delay() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "httpRoutes": [
+            {"name": "abort", "matches": [{"uri": {"prefix": "/abort"}}],
+             "fault": {"abort": {"httpStatus": 503, "percent": 100.0}}},
+            {"name": "never", "matches": [{"uri": {"prefix": "/never"}}],
+             "fault": {"abort": {"httpStatus": 500, "percent": 0.0}}},
+            {"name": "delay", "matches": [{"uri": {"prefix": "/slow"}}],
+             "fault": {"delay": {"fixedDelayMs": "300", "percent": 100.0}}},
+        ],
+    });
+    let mesh = mesh(&reviews_backends(), routes).await?;
+    let mut c = mesh.client(false).await?;
+    let r = c.get("/abort", &[]).await?;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.body, "fault filter abort");
+    let r = c.get("/never", &[]).await?;
+    assert_eq!(r.status, StatusCode::OK);
+    let t = Instant::now();
+    let r = c.get("/slow", &[]).await?;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    // No route matched: 404 like Envoy's NR.
+    let r = c.get("/other", &[]).await?;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(mesh.metrics.encode().contains("response_flags=\"FI\""));
+    Ok(())
+}
+
+#[tokio::test]
+async fn timeout_gives_504() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "httpRoutes": [{"name": "t", "timeoutMs": "200"}],
+    });
+    let mesh = mesh(&reviews_backends(), routes).await?;
+    for h2 in [false, true] {
+        let mut c = mesh.client(h2).await?;
+        let t = Instant::now();
+        let r = c.get("/delay/2000", &[]).await?;
+        assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(r.body, "upstream request timeout");
+        assert!(t.elapsed() < Duration::from_millis(1500));
+        if h2 {
+            let r = c.get("/delay/10", &[]).await?;
+            assert_eq!(r.status, StatusCode::OK);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn redirect_and_rewrite() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "httpRoutes": [
+            {"name": "moved", "matches": [{"uri": {"exact": "/old"}}],
+             "redirect": {"uri": "/new", "authority": "reviews.other:9080"}},
+            {"name": "rw", "matches": [{"uri": {"prefix": "/api/"}}],
+             "rewrite": {"uriPrefix": "/v2/", "authority": "reviews-internal"}},
+        ],
+    });
+    let mesh = mesh(&reviews_backends(), routes).await?;
+    let mut c = mesh.client(false).await?;
+    let r = c.get("/old", &[]).await?;
+    assert_eq!(r.status, StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(r.headers["location"], "http://reviews.other:9080/new");
+    let r = c.get("/api/x?q=1", &[]).await?;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["path"], "/v2/x");
+    assert_eq!(r.json()["query"], "q=1");
+    assert_eq!(r.json()["authority"], "reviews-internal");
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_endpoints_gives_503() -> anyhow::Result<()> {
+    let mesh = mesh(&[], Value::Null).await?;
+    for h2 in [false, true] {
+        let mut c = mesh.client(h2).await?;
+        let r = c.get("/", &[]).await?;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.body, "no healthy upstream");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn retries_move_to_another_endpoint() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "httpRoutes": [
+            {"name": "no-retry", "matches": [{"headers": [{"name": "x-no-retry", "present": true}]}],
+             "retries": {"attempts": 0}},
+            {"name": "retry", "retries": {"attempts": 3, "retryOn": ["5xx"], "perTryTimeoutMs": "1000"}},
+        ],
+    });
+    let backends = vec![
+        Backend {
+            name: "reviews-bad",
+            version: "v1",
+        },
+        Backend {
+            name: "reviews-good",
+            version: "v1",
+        },
+    ];
+    let mesh = mesh(&backends, routes).await?;
+    let mut c = mesh.client(true).await?;
+    for _ in 0..10 {
+        let r = c.get("/flaky", &[]).await?;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.pod(), "reviews-good");
+    }
+    let mut failed = 0;
+    for _ in 0..10 {
+        let r = c.get("/flaky", &[("x-no-retry", "1")]).await?;
+        if r.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(r.body, "flaky");
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        failed, 5,
+        "round robin without retries hits the bad endpoint half the time"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn mirror_sends_shadow_copy() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "httpRoutes": [{"name": "m", "mirrors": [{"host": MIRROR_HOST, "percent": 100.0}]}],
+    });
+    let backends = vec![Backend {
+        name: "reviews-primary",
+        version: "v1",
+    }];
+    let mirrors = vec![Backend {
+        name: "reviews-shadow-pod",
+        version: "v1",
+    }];
+    let mesh = mesh_with_mirror(&backends, &mirrors, routes).await?;
+    let mut c = mesh.client(false).await?;
+    let r = c.get("/mirrored", &[]).await?;
+    assert_eq!(r.pod(), "reviews-primary");
+    let want = "reviews-shadow-pod reviews-shadow:9080 /mirrored";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !SEEN.lock().unwrap().iter().any(|l| l == want) {
+        assert!(
+            Instant::now() < deadline,
+            "mirror never arrived: {:?}",
+            SEEN.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn tcp_port_is_passed_through() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "ports": [{"port": PORT, "protocol": "TCP"}],
+        // Never applied: the port is opaque TCP.
+        "httpRoutes": [{"name": "abort", "fault": {"abort": {"httpStatus": 500, "percent": 100.0}}}],
+    });
+    let mesh = mesh(
+        &[Backend {
+            name: "reviews-tcp",
+            version: "v1",
+        }],
+        routes,
+    )
+    .await?;
+    let mut c = mesh.client(false).await?;
+    let r = c.get("/raw", &[]).await?;
+    assert_eq!(r.status, StatusCode::OK);
+    let j = r.json();
+    assert_eq!(j["pod"], "reviews-tcp");
+    // The waypoint did not touch the HTTP: no headers were added.
+    assert_eq!(j["xff"], "");
+    assert_eq!(j["request_id"], "");
+    Ok(())
+}
+
+#[tokio::test]
+async fn consistent_hash_on_header_is_sticky() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "trafficPolicy": {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}},
+    });
+    let backends = vec![
+        Backend {
+            name: "reviews-h1",
+            version: "v1",
+        },
+        Backend {
+            name: "reviews-h2",
+            version: "v1",
+        },
+        Backend {
+            name: "reviews-h3",
+            version: "v1",
+        },
+    ];
+    let mesh = mesh(&backends, routes).await?;
+    let mut c = mesh.client(true).await?;
+    let mut pods = std::collections::BTreeSet::new();
+    for user in [
+        "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+    ] {
+        let first = c.get("/", &[("x-user", user)]).await?.pod();
+        for _ in 0..4 {
+            assert_eq!(
+                c.get("/", &[("x-user", user)]).await?.pod(),
+                first,
+                "{user}"
+            );
+        }
+        pods.insert(first);
+    }
+    assert!(pods.len() > 1, "eight users all hashed to {pods:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn grpc_request_body_is_streamed() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    use hyper::body::Frame;
+    let mesh = mesh(
+        &[Backend {
+            name: "reviews-grpc",
+            version: "v1",
+        }],
+        Value::Null,
+    )
+    .await?;
+    let io = TokioIo::new(mesh.tunnel().await?);
+    let (mut s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+    tokio::spawn(conn);
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
+    let body = http_body_util::StreamBody::new(rx.map(|b| Ok::<_, Infallible>(Frame::data(b))));
+    let req = Request::post("http://reviews:9080/pkg.Svc/Stream")
+        .version(http::Version::HTTP_2)
+        .header("content-type", "application/grpc")
+        .body(body)?;
+    tx.unbounded_send(Bytes::from_static(b"\0\0\0\0\0"))?;
+    // The request stays open: a proxy that waited for its end would never
+    // answer.
+    let resp = tokio::time::timeout(Duration::from_secs(5), s.send_request(req))
+        .await
+        .context("response while the request body is still open")??;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await?.to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("reviews-grpc"));
+    drop(tx);
+    let text = mesh.metrics.encode();
+    assert!(text.contains("request_protocol=\"grpc\""), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn circuit_breaker_overflows() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "trafficPolicy": {"connectionPool": {"maxConnections": 1, "http2MaxRequests": 1}},
+    });
+    let mesh = mesh(
+        &[Backend {
+            name: "reviews-cb",
+            version: "v1",
+        }],
+        routes,
+    )
+    .await?;
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        let mut c = mesh.client(true).await?;
+        calls.push(tokio::spawn(async move { c.get("/delay/1000", &[]).await }));
+    }
+    let mut codes = Vec::new();
+    for call in calls {
+        let r = call.await??;
+        if r.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(r.body.ends_with("reset reason: overflow"), "{}", r.body);
+        }
+        codes.push(r.status.as_u16());
+    }
+    codes.sort();
+    assert_eq!(codes, [200, 503, 503], "one in flight at a time");
+    assert!(mesh.metrics.encode().contains("response_flags=\"UO\""));
+    Ok(())
+}
+
+#[tokio::test]
+async fn outlier_detection_ejects_failing_endpoint() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "httpRoutes": [{"name": "no-retry", "retries": {"attempts": 0}}],
+        "trafficPolicy": {"outlierDetection": {
+            "consecutive5xxErrors": 1, "maxEjectionPercent": 100, "baseEjectionTimeMs": "60000"}},
+    });
+    let backends = vec![
+        Backend {
+            name: "reviews-od-bad",
+            version: "v1",
+        },
+        Backend {
+            name: "reviews-od-good",
+            version: "v1",
+        },
+    ];
+    let mesh = mesh(&backends, routes).await?;
+    let mut c = mesh.client(false).await?;
+    let mut failures = 0;
+    for _ in 0..12 {
+        if c.get("/flaky", &[]).await?.status != StatusCode::OK {
+            failures += 1;
+        }
+    }
+    assert_eq!(
+        failures, 1,
+        "the bad endpoint is ejected after its first 5xx"
+    );
+    Ok(())
+}
