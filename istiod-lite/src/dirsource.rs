@@ -5,7 +5,9 @@
 //! read as Kubernetes manifests — multi-document YAML, `kind: List` expanded —
 //! and the Namespaces, Pods and Services in them, and the
 //! `security.istio.io` (v1 or v1beta1) AuthorizationPolicies and
-//! PeerAuthentications, become translator [`Event`]s. The spec of a security
+//! PeerAuthentications and the `networking.istio.io` (v1, v1beta1 or
+//! v1alpha3) VirtualServices and DestinationRules, become translator
+//! [`Event`]s. The spec of a security
 //! policy is validated by the translator, which reports a bad field with its
 //! path and ignores that policy (a broken policy is not a broken file). Nothing else sets pod status here, so pods carry their own
 //! `status` (podIP, phase, conditions) in the files.
@@ -162,6 +164,8 @@ enum Object {
     Pod(Box<Pod>),
     AuthorizationPolicy(Box<PolicyObject>),
     PeerAuthentication(Box<PolicyObject>),
+    VirtualService(Box<PolicyObject>),
+    DestinationRule(Box<PolicyObject>),
 }
 
 /// (kind rank, namespace, name).
@@ -175,6 +179,8 @@ impl Object {
             Object::Pod(o) => (2, &o.metadata),
             Object::AuthorizationPolicy(o) => return (3, o.namespace.clone(), o.name.clone()),
             Object::PeerAuthentication(o) => return (4, o.namespace.clone(), o.name.clone()),
+            Object::VirtualService(o) => return (5, o.namespace.clone(), o.name.clone()),
+            Object::DestinationRule(o) => return (6, o.namespace.clone(), o.name.clone()),
         };
         (
             rank,
@@ -190,6 +196,8 @@ impl Object {
             Object::Pod(o) => Event::Pod(*o),
             Object::AuthorizationPolicy(o) => Event::AuthorizationPolicy(*o),
             Object::PeerAuthentication(o) => Event::PeerAuthentication(*o),
+            Object::VirtualService(o) => Event::VirtualService(*o),
+            Object::DestinationRule(o) => Event::DestinationRule(*o),
         }
     }
 }
@@ -200,7 +208,9 @@ fn deleted((rank, namespace, name): ObjKey) -> Event {
         1 => Event::ServiceDeleted { namespace, name },
         2 => Event::PodDeleted { namespace, name },
         3 => Event::AuthorizationPolicyDeleted { namespace, name },
-        _ => Event::PeerAuthenticationDeleted { namespace, name },
+        4 => Event::PeerAuthenticationDeleted { namespace, name },
+        5 => Event::VirtualServiceDeleted { namespace, name },
+        _ => Event::DestinationRuleDeleted { namespace, name },
     }
 }
 
@@ -494,7 +504,11 @@ fn parse_object(
         api_version,
         "security.istio.io/v1" | "security.istio.io/v1beta1"
     ) && matches!(kind, "AuthorizationPolicy" | "PeerAuthentication");
-    if security {
+    let networking = matches!(
+        api_version,
+        "networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3"
+    ) && matches!(kind, "VirtualService" | "DestinationRule");
+    if security || networking {
         let kind = kind.to_string();
         return parse_policy(path, at, &kind, value).map(Some);
     }
@@ -526,7 +540,10 @@ fn parse_object(
         Object::Pod(o) => default_namespace(&mut o.metadata),
         Object::Service(o) => default_namespace(&mut o.metadata),
         // Built by `parse_policy`, never here.
-        Object::AuthorizationPolicy(_) | Object::PeerAuthentication(_) => return Ok(Some(obj)),
+        Object::AuthorizationPolicy(_)
+        | Object::PeerAuthentication(_)
+        | Object::VirtualService(_)
+        | Object::DestinationRule(_) => return Ok(Some(obj)),
     };
     if meta.name.as_deref().is_none_or(str::is_empty) {
         return Err(DirError::MissingName {
@@ -538,7 +555,7 @@ fn parse_object(
     Ok(Some(obj))
 }
 
-/// An AuthorizationPolicy or PeerAuthentication: metadata checked here,
+/// An Istio security or traffic object: metadata checked here,
 /// `spec` kept as written for the translator to validate.
 fn parse_policy(
     path: &Path,
@@ -576,6 +593,8 @@ fn parse_policy(
     })?;
     Ok(match kind {
         "AuthorizationPolicy" => Object::AuthorizationPolicy(Box::new(obj)),
+        "VirtualService" => Object::VirtualService(Box::new(obj)),
+        "DestinationRule" => Object::DestinationRule(Box::new(obj)),
         _ => Object::PeerAuthentication(Box::new(obj)),
     })
 }
@@ -693,6 +712,34 @@ mod tests {
         let e = parse("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nspec: {}\n")
             .unwrap_err();
         assert!(matches!(e, DirError::MissingName { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn traffic_rules_of_every_served_version() {
+        let objs = parse(
+            "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\n\
+             metadata: {name: a}\nspec: {hosts: [r]}\n---\n\
+             apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n\
+             metadata: {name: b, namespace: x}\nspec: {host: r}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: c}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ignored}\n",
+        )
+        .unwrap();
+        let [Object::VirtualService(a), Object::DestinationRule(b), Object::VirtualService(c)] =
+            objs.as_slice()
+        else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(
+            (a.namespace.as_str(), a.spec["hosts"][0].as_str()),
+            ("default", Some("r"))
+        );
+        assert_eq!((b.namespace.as_str(), b.name.as_str()), ("x", "b"));
+        assert!(c.spec.is_null());
+        assert!(matches!(
+            deleted(objs[1].key()),
+            Event::DestinationRuleDeleted { namespace, name } if namespace == "x" && name == "b"
+        ));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The Kubernetes source: watches Namespaces, Pods and Services, and the
-//! `security.istio.io/v1` AuthorizationPolicies and PeerAuthentications, on
+//! `security.istio.io/v1` AuthorizationPolicies and PeerAuthentications and
+//! the `networking.istio.io/v1` VirtualServices and DestinationRules, on
 //! the API server and feeds them to the translator as [`Event`]s.
 //!
 //! The Istio kinds are CustomResources that may not be installed yet: while
@@ -36,6 +37,9 @@ const CRD_RETRY: Duration = Duration::from_secs(10);
 /// API group and version of the Istio security kinds.
 const SECURITY_GROUP: &str = "security.istio.io";
 const SECURITY_VERSION: &str = "v1";
+/// API group and version of the Istio traffic kinds.
+const NETWORKING_GROUP: &str = "networking.istio.io";
+const NETWORKING_VERSION: &str = "v1";
 
 /// Errors of the Kubernetes source.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +80,46 @@ struct PeerAuthn(DynamicObject);
 fn policy_object(o: &DynamicObject) -> Option<PolicyObject> {
     let spec = o.data.get("spec").cloned().unwrap_or_default();
     PolicyObject::new(&o.metadata, spec)
+}
+
+/// A VirtualService as the dynamic API returns it.
+#[derive(Debug, Clone)]
+struct VirtualSvc(DynamicObject);
+
+/// A DestinationRule as the dynamic API returns it.
+#[derive(Debug, Clone)]
+struct DestRule(DynamicObject);
+
+impl Kind for VirtualSvc {
+    const NAME: &'static str = "virtualservices";
+    fn key(&self) -> (String, String) {
+        meta_key(&self.0.metadata)
+    }
+    fn upsert(self) -> Event {
+        match policy_object(&self.0) {
+            Some(p) => Event::VirtualService(p),
+            None => Self::deleted(self.key()),
+        }
+    }
+    fn deleted((namespace, name): (String, String)) -> Event {
+        Event::VirtualServiceDeleted { namespace, name }
+    }
+}
+
+impl Kind for DestRule {
+    const NAME: &'static str = "destinationrules";
+    fn key(&self) -> (String, String) {
+        meta_key(&self.0.metadata)
+    }
+    fn upsert(self) -> Event {
+        match policy_object(&self.0) {
+            Some(p) => Event::DestinationRule(p),
+            None => Self::deleted(self.key()),
+        }
+    }
+    fn deleted((namespace, name): (String, String)) -> Event {
+        Event::DestinationRuleDeleted { namespace, name }
+    }
 }
 
 impl Kind for AuthzPolicy {
@@ -257,11 +301,12 @@ fn map_event<A, B>(ev: WatchEvent<A>, f: fn(A) -> B) -> WatchEvent<B> {
 /// [`CRD_RETRY`]; then the normal watch takes over.
 fn watch_crd<K: Kind>(
     client: Client,
+    (group, version): (&str, &str),
     kind: &str,
     plural: &str,
     wrap: fn(DynamicObject) -> K,
 ) -> impl Stream<Item = (Vec<Event>, bool)> + Send {
-    let gvk = GroupVersionKind::gvk(SECURITY_GROUP, SECURITY_VERSION, kind);
+    let gvk = GroupVersionKind::gvk(group, version, kind);
     let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
     let api: Api<DynamicObject> = Api::all_with(client, &ar);
     let probe_api = api.clone();
@@ -323,6 +368,7 @@ pub async fn run(
             3,
             Box::pin(watch_crd(
                 client.clone(),
+                (SECURITY_GROUP, SECURITY_VERSION),
                 "AuthorizationPolicy",
                 "authorizationpolicies",
                 AuthzPolicy,
@@ -331,14 +377,35 @@ pub async fn run(
         tagged(
             4,
             Box::pin(watch_crd(
-                client,
+                client.clone(),
+                (SECURITY_GROUP, SECURITY_VERSION),
                 "PeerAuthentication",
                 "peerauthentications",
                 PeerAuthn,
             )),
         ),
+        tagged(
+            5,
+            Box::pin(watch_crd(
+                client.clone(),
+                (NETWORKING_GROUP, NETWORKING_VERSION),
+                "VirtualService",
+                "virtualservices",
+                VirtualSvc,
+            )),
+        ),
+        tagged(
+            6,
+            Box::pin(watch_crd(
+                client,
+                (NETWORKING_GROUP, NETWORKING_VERSION),
+                "DestinationRule",
+                "destinationrules",
+                DestRule,
+            )),
+        ),
     ]);
-    let mut listed = [false; 5];
+    let mut listed = [false; 7];
     let mut ready = Some(ready);
     loop {
         tokio::select! {
@@ -350,7 +417,7 @@ pub async fn run(
                 if done && !listed[i] {
                     listed[i] = true;
                     if listed.iter().all(|l| *l) {
-                        tracing::info!("kubernetes namespaces, pods, services and security policies listed");
+                        tracing::info!("kubernetes namespaces, pods, services and Istio policies and traffic rules listed");
                         ready.take();
                     }
                 }
@@ -385,6 +452,31 @@ mod tests {
                 _ => "?".into(),
             })
             .collect()
+    }
+
+    #[test]
+    fn traffic_objects_become_l7_events() {
+        let o: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"namespace": "a", "name": "vs"},
+            "spec": {"hosts": ["reviews"]}
+        }))
+        .unwrap();
+        let mut t = Tracker::<VirtualSvc>::new();
+        let (b, _) = t.on_event(WatchEvent::Apply(VirtualSvc(o.clone())));
+        assert!(
+            matches!(b.as_slice(), [Event::VirtualService(p)] if p.spec["hosts"][0] == "reviews"),
+            "{b:?}"
+        );
+        let (b, _) = t.on_event(WatchEvent::Delete(VirtualSvc(o.clone())));
+        assert!(
+            matches!(b.as_slice(), [Event::VirtualServiceDeleted { name, .. }] if name == "vs"),
+            "{b:?}"
+        );
+        let mut t = Tracker::<DestRule>::new();
+        let (b, _) = t.on_event(WatchEvent::Apply(DestRule(o)));
+        assert!(matches!(b.as_slice(), [Event::DestinationRule(_)]), "{b:?}");
     }
 
     #[test]

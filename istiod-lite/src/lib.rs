@@ -3,10 +3,12 @@
 //! It sits beside the data plane, never in the traffic path: it reads
 //! Kubernetes objects (from the API server, [`kubesource`], or from a folder
 //! of YAML, [`dirsource`]), turns them into Istio's Workload API
-//! ([`translate`]), pushes what changed to every ztunnel over delta xDS
-//! ([`push`]), signs the certificates ztunnels use for HBONE ([`ca`]) and
-//! publishes the root they trust ([`rootcm`]), and provisions the waypoints
-//! Gateways ask for ([`waypoints`]).
+//! ([`translate`]) and, for services behind a waypoint, into the waypoint's
+//! `ServiceRoutes` (VirtualService, DestinationRule), pushes what changed to
+//! every ztunnel and waypoint over delta xDS ([`push`]), signs the
+//! certificates ztunnels use for HBONE ([`ca`]) and publishes the root they
+//! trust ([`rootcm`]), and provisions the waypoints Gateways ask for
+//! ([`waypoints`]).
 //! [`server`] holds its listeners; [`start`] wires it all.
 
 #![forbid(unsafe_code)]

@@ -1,6 +1,7 @@
 //! From translator to the wire: applies source batches to the translator
 //! and publishes what changed into the xDS resource store, which pushes it
-//! to every connected ztunnel.
+//! to every connected ztunnel, and the waypoint `ServiceRoutes` to every
+//! connected waypoint.
 //!
 //! Batches that arrive together are applied together, so a burst of
 //! Kubernetes events (a Deployment rolling) becomes one store update and
@@ -9,7 +10,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use mesh_core::drain;
-use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 use mesh_core::xds::server::ResourceStore;
 use pbjson_types::Any;
 use prost::Message;
@@ -57,7 +58,8 @@ impl NodeLookup for SharedTranslator {
 /// `Authorization`s first, then addresses, then removed `Authorization`s, so
 /// a workload never names a policy the proxies have not been sent yet, and
 /// a policy is withdrawn only after the workloads stopped naming it.
-/// Returns the number of resources written.
+/// Waypoint `ServiceRoutes` follow (they name services, which are in by
+/// then). Returns the number of resources written.
 pub fn publish(store: &ResourceStore, changes: Changes) -> Result<usize, PushError> {
     let mut n = 0;
     if !changes.policy_upserts.is_empty() {
@@ -78,6 +80,16 @@ pub fn publish(store: &ResourceStore, changes: Changes) -> Result<usize, PushErr
                 .into_iter()
                 .map(|(name, a)| (name, pack(ADDRESS_TYPE_URL, &a))),
             changes.removes,
+        )?;
+    }
+    if !changes.route_upserts.is_empty() || !changes.route_removes.is_empty() {
+        n += store.apply(
+            SERVICE_ROUTES_TYPE_URL,
+            changes
+                .route_upserts
+                .into_iter()
+                .map(|(name, r)| (name, pack(SERVICE_ROUTES_TYPE_URL, &r))),
+            changes.route_removes,
         )?;
     }
     if !changes.policy_removes.is_empty() {
@@ -145,6 +157,7 @@ pub async fn run(
                 events,
                 upserts = c.upserts.len(),
                 removes = c.removes.len(),
+                routes = c.route_upserts.len() + c.route_removes.len(),
                 "translated"
             );
             c

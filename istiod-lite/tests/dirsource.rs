@@ -62,7 +62,7 @@ spec:
     targetPort: http
 ---
 apiVersion: networking.istio.io/v1
-kind: VirtualService
+kind: Sidecar
 metadata:
   name: web
   namespace: demo

@@ -45,11 +45,32 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
 }
 
-/// Facts only known once the pod runs (downward API values).
+/// Facts only known once the pod runs (downward API values, where its
+/// volumes are).
 #[derive(Debug, Clone, Default)]
 pub struct Runtime {
     pub pod_ip: String,
     pub host_ip: String,
+    /// The container's volume mounts as (mount path, host directory).
+    pub mounts: Vec<(String, PathBuf)>,
+}
+
+/// The mesh's own images (as `manifests/` and provisioned waypoints name
+/// them) run the workspace binary of the same name.
+fn mesh_binary(image: &str) -> Option<&'static str> {
+    let repo = image.split('@').next().unwrap_or(image);
+    let repo = match repo.rfind(':') {
+        Some(i) if !repo[i..].contains('/') => &repo[..i],
+        _ => repo,
+    };
+    let mut parts = repo.rsplit('/');
+    let name = parts.next()?;
+    if parts.next()? != "ambient-mesh" {
+        return None;
+    }
+    ["waypoint", "ztunnel", "istiod-lite", "node-agent"]
+        .into_iter()
+        .find(|b| *b == name)
 }
 
 /// Resolves `container` of `pod` into a process. `sample_app` is the path of
@@ -61,9 +82,25 @@ pub fn resolve(
     sample_app: &Path,
 ) -> Result<Launch, ContainerError> {
     let image = container.image.clone().unwrap_or_default();
-    let env = environment(pod, container, rt)?;
+    let env: Vec<(String, String)> = environment(pod, container, rt)?
+        .into_iter()
+        .map(|(k, v)| (k, super::volumes::rewrite_path(&v, &rt.mounts)))
+        .collect();
     let command = container.command.clone().unwrap_or_default();
-    let args = container.args.clone().unwrap_or_default();
+    let args: Vec<String> = container
+        .args
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .map(|a| super::volumes::rewrite_path(a, &rt.mounts))
+        .collect();
+    if let Some(bin) = mesh_binary(&image) {
+        let program = crate::app::binary(bin).map_err(|_| ContainerError::NoExecutable {
+            container: container.name.clone(),
+            program: bin.into(),
+        })?;
+        return Ok(Launch { program, args, env });
+    }
     if let Some(app) = crate::samples::app_for_image(&image) {
         if app.is_tool() {
             // The image's own tools are the host's: run what the manifest
@@ -271,6 +308,7 @@ mod tests {
         let rt = Runtime {
             pod_ip: "10.244.1.7".into(),
             host_ip: "172.30.0.11".into(),
+            mounts: Vec::new(),
         };
         let env = environment(&p, &c, &rt).unwrap();
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
@@ -302,6 +340,17 @@ mod tests {
         };
         let err = resolve(&pod(c.clone()), &c, &Runtime::default(), Path::new("/x")).unwrap_err();
         assert_eq!(err.reason(), "ErrImagePull");
+    }
+
+    #[test]
+    fn mesh_images_name_workspace_binaries() {
+        assert_eq!(
+            mesh_binary("ghcr.io/ambient-mesh/waypoint:0.1.0"),
+            Some("waypoint")
+        );
+        assert_eq!(mesh_binary("ambient-mesh/ztunnel"), Some("ztunnel"));
+        assert_eq!(mesh_binary("ghcr.io/other/waypoint:1"), None);
+        assert_eq!(mesh_binary("localhost:5000/ambient-mesh/nope:1"), None);
     }
 
     #[test]

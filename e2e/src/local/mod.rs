@@ -14,6 +14,7 @@ pub mod cni;
 pub mod containers;
 pub mod kubelet;
 pub mod pod;
+pub mod volumes;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -171,7 +172,11 @@ impl LocalMesh {
                 istio_ns: Some(ISTIO_NAMESPACE.into()),
                 unscoped: true,
                 kubeconfig: Some(istiod_kubeconfig),
-                extra_env: vec![],
+                // Waypoint pods reach istiod-lite where the nodes do.
+                extra_env: vec![(
+                    "WAYPOINT_XDS_ADDRESS".into(),
+                    crate::controlplane::xds_address(),
+                )],
             },
         )?;
         mesh.cp = Some(cp);

@@ -7,6 +7,7 @@
 //! ztunnel is not there) is reported as a `FailedCreatePodSandBox` event and
 //! retried with backoff; no process of the pod runs until ADD succeeded.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -96,6 +97,8 @@ pub(crate) struct PodRunner {
     shutdown: CancellationToken,
     start_time: String,
     last_status: Option<Value>,
+    /// Host directory of each of the pod's volumes.
+    volumes: BTreeMap<String, PathBuf>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -124,6 +127,7 @@ impl PodRunner {
             shutdown,
             start_time: now(),
             last_status: None,
+            volumes: BTreeMap::new(),
         }
     }
 
@@ -184,6 +188,52 @@ impl PodRunner {
             }
         };
         tracing::info!(parent: &span, ip = %sandbox.ip, netns = sandbox.netns.name(), "pod sandbox ready");
+        // Volumes before any container, retried while what they need (a
+        // ConfigMap, a Secret) does not exist yet, as a kubelet does.
+        let vol_dir = volume_dir(&self.cfg, &self.pod());
+        let mut attempt: u32 = 0;
+        loop {
+            match super::volumes::materialize(&self.client, &self.pod(), &vol_dir).await {
+                Ok(v) => {
+                    self.volumes = v;
+                    break;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if attempt == 0 {
+                        event(
+                            &self.client,
+                            &self.pod(),
+                            &self.cfg.node_name,
+                            "Warning",
+                            "FailedMount",
+                            &msg,
+                        )
+                        .await;
+                    }
+                    self.report_pending("ContainerCreating", &msg).await;
+                    let wait =
+                        Duration::from_millis(500 * (1u64 << attempt.min(4))).min(MAX_BACKOFF);
+                    attempt += 1;
+                    let stop = tokio::select! {
+                        _ = tokio::time::sleep(wait) => false,
+                        _ = self.gone.cancelled() => true,
+                        _ = self.shutdown.cancelled() => true,
+                        r = self.rx.changed() => r.is_err() || self.deleting(),
+                    };
+                    if stop {
+                        let cfg = self.cfg.clone();
+                        let pod = self.pod();
+                        let _ = tokio::task::spawn_blocking(move || teardown(&cfg, &pod, sandbox))
+                            .await;
+                        if self.deleting() && !self.gone.is_cancelled() {
+                            finalize_delete(&self.client, &self.pod()).await;
+                        }
+                        return;
+                    }
+                }
+            }
+        }
         let pod = self.pod();
         let mut runs: Vec<ContainerRun> = pod
             .spec
@@ -334,6 +384,7 @@ impl PodRunner {
         let rt = containers::Runtime {
             pod_ip: sb.ip.to_string(),
             host_ip: self.cfg.node_ip.to_string(),
+            mounts: super::volumes::container_mounts(&run.spec, &self.volumes),
         };
         let launch = match containers::resolve(pod, &run.spec, &rt, &self.cfg.sample_app) {
             Ok(l) => l,
@@ -622,7 +673,18 @@ fn sandbox_id(pod: &Pod, attempt: u32) -> String {
     h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where a pod's volumes live on the node.
+fn volume_dir(cfg: &KubeletConfig, pod: &Pod) -> PathBuf {
+    cfg.state_dir.join("volumes").join(format!(
+        "{}_{}_{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        pod.metadata.uid.as_deref().unwrap_or_default()
+    ))
+}
+
 fn teardown(cfg: &KubeletConfig, pod: &Pod, sb: SandboxRun) {
+    let _ = fs::remove_dir_all(volume_dir(cfg, pod));
     if let Some((sandbox, result)) = &sb.cni {
         if let Err(e) = cfg.network.del(sandbox, Some(result)) {
             tracing::warn!(pod = %pod_key(pod), error = %e, "CNI DEL failed");

@@ -13,8 +13,14 @@
 //! `Authorization` resources ztunnel enforces (`authz.rs`, `peerauthn.rs`)
 //! and lists the workload-selector ones in each selected workload's
 //! `authorization_policies`.
+//!
+//! For services behind a waypoint it compiles `VirtualService` and
+//! `DestinationRule` into the waypoint's `ServiceRoutes` (`l7.rs`).
 
 pub mod authz;
+pub mod l7;
+#[cfg(test)]
+mod l7_tests;
 pub mod peerauthn;
 mod pod;
 mod policy;
@@ -29,6 +35,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_core::proto::security::Authorization;
+use mesh_core::proto::waypoint::ServiceRoutes;
 use mesh_core::proto::workload::{
     address, gateway_address, Address, GatewayAddress, NamespacedHostname,
 };
@@ -169,6 +176,24 @@ pub enum Event {
         /// Name of the policy.
         name: String,
     },
+    /// A VirtualService (networking.istio.io) was created or changed.
+    VirtualService(PolicyObject),
+    /// A VirtualService is gone.
+    VirtualServiceDeleted {
+        /// Namespace of the object.
+        namespace: String,
+        /// Name of the object.
+        name: String,
+    },
+    /// A DestinationRule (networking.istio.io) was created or changed.
+    DestinationRule(PolicyObject),
+    /// A DestinationRule is gone.
+    DestinationRuleDeleted {
+        /// Namespace of the object.
+        namespace: String,
+        /// Name of the object.
+        name: String,
+    },
 }
 
 /// Resources that differ from what `take_changes` returned before.
@@ -182,6 +207,10 @@ pub struct Changes {
     pub policy_upserts: Vec<(String, Authorization)>,
     /// `Authorization` names returned before that no longer exist, sorted.
     pub policy_removes: Vec<String>,
+    /// New or changed waypoint `ServiceRoutes` by service hostname, sorted.
+    pub route_upserts: Vec<(String, ServiceRoutes)>,
+    /// `ServiceRoutes` hostnames returned before that no longer exist, sorted.
+    pub route_removes: Vec<String>,
 }
 
 impl Changes {
@@ -191,6 +220,8 @@ impl Changes {
             && self.removes.is_empty()
             && self.policy_upserts.is_empty()
             && self.policy_removes.is_empty()
+            && self.route_upserts.is_empty()
+            && self.route_removes.is_empty()
     }
 }
 
@@ -224,6 +255,14 @@ pub struct Translator {
     authz: HashMap<String, BTreeMap<String, ApInfo>>,
     /// Valid PeerAuthentications, by namespace then name.
     peer_authn: HashMap<String, BTreeMap<String, PaInfo>>,
+    /// Valid VirtualServices by (namespace, name).
+    virtual_services: l7::VsMap,
+    /// Valid DestinationRules by (namespace, name).
+    destination_rules: l7::DrMap,
+    /// Services whose `ServiceRoutes` may have changed.
+    dirty_routes: BTreeSet<Key>,
+    /// `ServiceRoutes` as last returned, by hostname.
+    routes: BTreeMap<String, ServiceRoutes>,
     /// Why a policy object is not (fully) applied, by `<Kind> <ns>/<name>`.
     problems: BTreeMap<String, String>,
     dirty_pods: BTreeSet<Key>,
@@ -249,6 +288,10 @@ impl Translator {
             identities: HashMap::new(),
             authz: HashMap::new(),
             peer_authn: HashMap::new(),
+            virtual_services: HashMap::new(),
+            destination_rules: HashMap::new(),
+            dirty_routes: BTreeSet::new(),
+            routes: BTreeMap::new(),
             problems: BTreeMap::new(),
             dirty_pods: BTreeSet::new(),
             dirty_services: BTreeSet::new(),
@@ -357,6 +400,14 @@ impl Translator {
                     .remove(&format!("PeerAuthentication {namespace}/{name}"));
                 self.set_peer_authn(namespace, name, None);
             }
+            Event::VirtualService(obj) => self.apply_virtual_service(obj),
+            Event::VirtualServiceDeleted { namespace, name } => {
+                self.delete_virtual_service(namespace, name)
+            }
+            Event::DestinationRule(obj) => self.apply_destination_rule(obj),
+            Event::DestinationRuleDeleted { namespace, name } => {
+                self.delete_destination_rule(namespace, name)
+            }
         }
     }
 
@@ -366,6 +417,10 @@ impl Translator {
         let dirty_pods = std::mem::take(&mut self.dirty_pods);
         let dirty_services = std::mem::take(&mut self.dirty_services);
         let dirty_policies = std::mem::take(&mut self.dirty_policies);
+        // A service's waypoint (its own or its namespace's label) and ports
+        // decide its ServiceRoutes.
+        let mut dirty_routes = std::mem::take(&mut self.dirty_routes);
+        dirty_routes.extend(dirty_services.iter().cloned());
         self.computed = dirty_pods.len() + dirty_services.len() + dirty_policies.len();
         let mut out: Vec<(String, Option<Address>)> = Vec::with_capacity(self.computed);
         for (ns, name) in dirty_pods {
@@ -428,7 +483,14 @@ impl Translator {
                 (None, None) => {}
             }
         }
+        self.take_route_changes(
+            dirty_routes,
+            &mut changes.route_upserts,
+            &mut changes.route_removes,
+        );
         changes.upserts.sort_by(|a, b| a.0.cmp(&b.0));
+        changes.route_upserts.sort_by(|a, b| a.0.cmp(&b.0));
+        changes.route_removes.sort();
         changes.removes.sort();
         changes.policy_upserts.sort_by(|a, b| a.0.cmp(&b.0));
         changes.policy_removes.sort();
