@@ -517,6 +517,20 @@ impl LocalMesh {
         find_pod_record(&self.spec.state_dir, namespace, name)
     }
 
+    /// What a container of a pod has written to stdout and stderr so far
+    /// (as `kubectl logs POD -c CONTAINER`); empty when it has not run.
+    pub fn logs(&self, namespace: &str, pod: &str, container: &str) -> String {
+        let Some(rec) = self.pod_record(namespace, pod) else {
+            return String::new();
+        };
+        let path = self
+            .node_dir(&rec.node)
+            .join("logs")
+            .join(format!("{namespace}_{pod}"))
+            .join(format!("{container}.log"));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
     /// Runs `argv` inside a pod's network namespace (as `kubectl exec`).
     pub fn exec(&self, namespace: &str, pod: &str, argv: &[&str]) -> Result<crate::ExecOutput> {
         let rec = self
