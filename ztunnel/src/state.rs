@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -364,7 +363,6 @@ pub struct Delta {
 #[derive(Debug, Clone)]
 pub struct ProxyState {
     inner: Arc<RwLock<Inner>>,
-    rr: Arc<AtomicUsize>,
     /// Becomes true with the first full state. Until then no destination
     /// can be told apart from one outside the mesh, so connections wait.
     loaded: Arc<tokio::sync::watch::Sender<bool>>,
@@ -376,7 +374,6 @@ impl Default for ProxyState {
     fn default() -> Self {
         ProxyState {
             inner: Default::default(),
-            rr: Default::default(),
             loaded: Arc::new(tokio::sync::watch::channel(false).0),
             generation: Arc::new(tokio::sync::watch::channel(0).0),
         }
@@ -918,7 +915,12 @@ impl ProxyState {
                     port: dst.port(),
                 };
             }
-            let pick = self.rr.fetch_add(1, Ordering::Relaxed) % healthy.len();
+            // A random endpoint per connection, as Istio's ztunnel does. A
+            // shared round-robin cursor would lock step with a client that
+            // calls several services in a fixed order (Bookinfo's
+            // productpage makes three calls per page: with three reviews
+            // endpoints every page would land on the same one).
+            let pick = rand::random_range(0..healthy.len());
             let wl = healthy[pick].clone();
             let target = target_port(&svc, &wl, dst.port());
             let ip = wl
@@ -1130,7 +1132,7 @@ mod tests {
     }
 
     #[test]
-    fn vip_round_robins_over_healthy_endpoints_with_target_ports() {
+    fn vip_spreads_over_healthy_endpoints_with_target_ports() {
         let s = state(&[
             svc("b.default.svc.cluster.local", [10, 96, 0, 10], 80, 8080),
             wl("b1", [10, 244, 1, 2], Some((KEY, 80, 0)), true),
@@ -1138,7 +1140,9 @@ mod tests {
             wl("b3", [10, 244, 2, 3], Some((KEY, 80, 8080)), false),
         ]);
         let mut seen = HashSet::new();
-        for _ in 0..4 {
+        // Random picks: 200 draws miss one of two endpoints with
+        // probability 2^-199.
+        for _ in 0..200 {
             match s.resolve("", "10.96.0.10:80".parse().unwrap()) {
                 Resolution::Upstream(u) => {
                     assert!(u.service.is_some());

@@ -7,7 +7,6 @@
 //! CONNECTs a waypoint pod is sent and to tell where a connection came from.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use mesh_core::identity::Identity;
@@ -236,7 +235,7 @@ impl ProxyState {
         if healthy.is_empty() {
             return Err(format!("waypoint service {key} has no healthy endpoint"));
         }
-        let wl = healthy[self.rr.fetch_add(1, Ordering::Relaxed) % healthy.len()].clone();
+        let wl = healthy[rand::random_range(0..healthy.len())].clone();
         let ip = wl
             .ips
             .iter()
