@@ -67,6 +67,33 @@ for node in node1 node2; do
     | sed -E 's/.*source_workload="([^"]*)".*destination_workload="([^"]*)".*connection_security_policy="([^"]*)".*\} ([0-9]+)/'"$node"': \1 -> \2 (\3): \4/' | sort -u || true
 done
 
+reviews_for() { # user ("" for anonymous) -> which reviews version served the page
+  actl local exec "$curl_pod" -- sh -c "jar=\$(mktemp); [ -n '$1' ] && curl -s -o /dev/null -c \$jar -d 'username=$1&passwd=' http://productpage:9080/login; curl -s -b \$jar http://productpage:9080/productpage | grep -o 'reviews-v[123]' | head -1; rm -f \$jar"
+}
+
+step "L7: ambientctl waypoint apply --enroll-namespace --wait"
+actl waypoint apply -n default --enroll-namespace --wait
+k get gateway waypoint -n default
+k wait --for=condition=Available deployment/waypoint -n default --timeout=180s
+
+step "Request routing (Istio's task files): jason sees reviews v2, everyone else v1"
+k apply -f samples/bookinfo/networking/destination-rule-all.yaml
+k apply -f samples/bookinfo/networking/virtual-service-all-v1.yaml
+k apply -f samples/bookinfo/networking/virtual-service-reviews-test-v2.yaml
+for _ in $(seq 1 60); do
+  [ "$(reviews_for jason)" = reviews-v2 ] && break
+  sleep 1
+done
+for user in "" jason; do
+  echo "${user:-anonymous}: $(for _ in 1 2 3 4 5; do reviews_for "$user"; done | sort | uniq -c | tr -s ' ' | tr '\n' ' ')"
+done
+
+step "What the waypoint saw: istio_requests_total{reporter=\"waypoint\"}"
+wp_pod=$(k get pods -n default -l gateway.networking.k8s.io/gateway-name=waypoint -o jsonpath='{.items[0].metadata.name}')
+actl local exec "$wp_pod" -- curl -s http://127.0.0.1:15020/metrics \
+  | grep '^istio_requests_total' \
+  | sed -E 's/.*destination_workload="([^"]*)".*response_code="([^"]*)".*\} ([0-9]+)/\1 \2: \3/' | sort || true
+
 if [ "${1:-}" = "--down" ]; then
   step "ambientctl local down"
   actl local down
