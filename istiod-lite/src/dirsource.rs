@@ -6,7 +6,8 @@
 //! and the Namespaces, Pods and Services in them, and the
 //! `security.istio.io` (v1 or v1beta1) AuthorizationPolicies and
 //! PeerAuthentications and the `networking.istio.io` (v1, v1beta1 or
-//! v1alpha3) VirtualServices and DestinationRules, become translator
+//! v1alpha3) VirtualServices and DestinationRules and the Gateway API
+//! `gateway.networking.k8s.io` (v1 or v1beta1) HTTPRoutes, become translator
 //! [`Event`]s. The spec of a security
 //! policy is validated by the translator, which reports a bad field with its
 //! path and ignores that policy (a broken policy is not a broken file). Nothing else sets pod status here, so pods carry their own
@@ -166,6 +167,7 @@ enum Object {
     PeerAuthentication(Box<PolicyObject>),
     VirtualService(Box<PolicyObject>),
     DestinationRule(Box<PolicyObject>),
+    HttpRoute(Box<PolicyObject>),
 }
 
 /// (kind rank, namespace, name).
@@ -181,6 +183,7 @@ impl Object {
             Object::PeerAuthentication(o) => return (4, o.namespace.clone(), o.name.clone()),
             Object::VirtualService(o) => return (5, o.namespace.clone(), o.name.clone()),
             Object::DestinationRule(o) => return (6, o.namespace.clone(), o.name.clone()),
+            Object::HttpRoute(o) => return (7, o.namespace.clone(), o.name.clone()),
         };
         (
             rank,
@@ -198,6 +201,7 @@ impl Object {
             Object::PeerAuthentication(o) => Event::PeerAuthentication(*o),
             Object::VirtualService(o) => Event::VirtualService(*o),
             Object::DestinationRule(o) => Event::DestinationRule(*o),
+            Object::HttpRoute(o) => Event::HttpRoute(*o),
         }
     }
 }
@@ -210,7 +214,8 @@ fn deleted((rank, namespace, name): ObjKey) -> Event {
         3 => Event::AuthorizationPolicyDeleted { namespace, name },
         4 => Event::PeerAuthenticationDeleted { namespace, name },
         5 => Event::VirtualServiceDeleted { namespace, name },
-        _ => Event::DestinationRuleDeleted { namespace, name },
+        6 => Event::DestinationRuleDeleted { namespace, name },
+        _ => Event::HttpRouteDeleted { namespace, name },
     }
 }
 
@@ -508,7 +513,11 @@ fn parse_object(
         api_version,
         "networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3"
     ) && matches!(kind, "VirtualService" | "DestinationRule");
-    if security || networking {
+    let gateway_api = matches!(
+        api_version,
+        "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1"
+    ) && kind == "HTTPRoute";
+    if security || networking || gateway_api {
         let kind = kind.to_string();
         return parse_policy(path, at, &kind, value).map(Some);
     }
@@ -543,7 +552,8 @@ fn parse_object(
         Object::AuthorizationPolicy(_)
         | Object::PeerAuthentication(_)
         | Object::VirtualService(_)
-        | Object::DestinationRule(_) => return Ok(Some(obj)),
+        | Object::DestinationRule(_)
+        | Object::HttpRoute(_) => return Ok(Some(obj)),
     };
     if meta.name.as_deref().is_none_or(str::is_empty) {
         return Err(DirError::MissingName {
@@ -595,6 +605,7 @@ fn parse_policy(
         "AuthorizationPolicy" => Object::AuthorizationPolicy(Box::new(obj)),
         "VirtualService" => Object::VirtualService(Box::new(obj)),
         "DestinationRule" => Object::DestinationRule(Box::new(obj)),
+        "HTTPRoute" => Object::HttpRoute(Box::new(obj)),
         _ => Object::PeerAuthentication(Box::new(obj)),
     })
 }
@@ -739,6 +750,27 @@ mod tests {
         assert!(matches!(
             deleted(objs[1].key()),
             Event::DestinationRuleDeleted { namespace, name } if namespace == "x" && name == "b"
+        ));
+    }
+
+    #[test]
+    fn http_routes_of_both_versions() {
+        let objs = parse(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {name: a}\nspec: {parentRefs: [{kind: Service, group: \"\", name: r}]}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1beta1\nkind: HTTPRoute\n\
+             metadata: {name: b, namespace: x}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: ignored}\n",
+        )
+        .unwrap();
+        let [Object::HttpRoute(a), Object::HttpRoute(b)] = objs.as_slice() else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(a.spec["parentRefs"][0]["name"], "r");
+        assert_eq!((b.namespace.as_str(), b.name.as_str()), ("x", "b"));
+        assert!(matches!(
+            deleted(objs[1].key()),
+            Event::HttpRouteDeleted { namespace, name } if namespace == "x" && name == "b"
         ));
     }
 

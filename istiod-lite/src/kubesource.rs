@@ -1,9 +1,10 @@
 //! The Kubernetes source: watches Namespaces, Pods and Services, and the
 //! `security.istio.io/v1` AuthorizationPolicies and PeerAuthentications and
-//! the `networking.istio.io/v1` VirtualServices and DestinationRules, on
-//! the API server and feeds them to the translator as [`Event`]s.
+//! the `networking.istio.io/v1` VirtualServices and DestinationRules, and
+//! the Gateway API `HTTPRoute`s (`gateway.networking.k8s.io/v1`), on the
+//! API server and feeds them to the translator as [`Event`]s.
 //!
-//! The Istio kinds are CustomResources that may not be installed yet: while
+//! The Istio and Gateway API kinds are CustomResources that may not be installed yet: while
 //! their CRD is missing the watch does not hold readiness (the mesh works
 //! without policies) and keeps checking every few seconds; once it exists
 //! its first full list is waited for like any other kind.
@@ -40,6 +41,9 @@ const SECURITY_VERSION: &str = "v1";
 /// API group and version of the Istio traffic kinds.
 const NETWORKING_GROUP: &str = "networking.istio.io";
 const NETWORKING_VERSION: &str = "v1";
+/// API group and version of the Gateway API route kinds.
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+const GATEWAY_VERSION: &str = "v1";
 
 /// Errors of the Kubernetes source.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +107,26 @@ impl Kind for VirtualSvc {
     }
     fn deleted((namespace, name): (String, String)) -> Event {
         Event::VirtualServiceDeleted { namespace, name }
+    }
+}
+
+/// An HTTPRoute as the dynamic API returns it.
+#[derive(Debug, Clone)]
+struct HttpRt(DynamicObject);
+
+impl Kind for HttpRt {
+    const NAME: &'static str = "httproutes";
+    fn key(&self) -> (String, String) {
+        meta_key(&self.0.metadata)
+    }
+    fn upsert(self) -> Event {
+        match policy_object(&self.0) {
+            Some(p) => Event::HttpRoute(p),
+            None => Self::deleted(self.key()),
+        }
+    }
+    fn deleted((namespace, name): (String, String)) -> Event {
+        Event::HttpRouteDeleted { namespace, name }
     }
 }
 
@@ -397,15 +421,25 @@ pub async fn run(
         tagged(
             6,
             Box::pin(watch_crd(
-                client,
+                client.clone(),
                 (NETWORKING_GROUP, NETWORKING_VERSION),
                 "DestinationRule",
                 "destinationrules",
                 DestRule,
             )),
         ),
+        tagged(
+            7,
+            Box::pin(watch_crd(
+                client,
+                (GATEWAY_GROUP, GATEWAY_VERSION),
+                "HTTPRoute",
+                "httproutes",
+                HttpRt,
+            )),
+        ),
     ]);
-    let mut listed = [false; 7];
+    let mut listed = [false; 8];
     let mut ready = Some(ready);
     loop {
         tokio::select! {
@@ -417,7 +451,7 @@ pub async fn run(
                 if done && !listed[i] {
                     listed[i] = true;
                     if listed.iter().all(|l| *l) {
-                        tracing::info!("kubernetes namespaces, pods, services and Istio policies and traffic rules listed");
+                        tracing::info!("kubernetes namespaces, pods, services, Istio policies and traffic rules and HTTPRoutes listed");
                         ready.take();
                     }
                 }
@@ -475,8 +509,16 @@ mod tests {
             "{b:?}"
         );
         let mut t = Tracker::<DestRule>::new();
-        let (b, _) = t.on_event(WatchEvent::Apply(DestRule(o)));
+        let (b, _) = t.on_event(WatchEvent::Apply(DestRule(o.clone())));
         assert!(matches!(b.as_slice(), [Event::DestinationRule(_)]), "{b:?}");
+        let mut t = Tracker::<HttpRt>::new();
+        let (b, _) = t.on_event(WatchEvent::Apply(HttpRt(o.clone())));
+        assert!(matches!(b.as_slice(), [Event::HttpRoute(_)]), "{b:?}");
+        let (b, _) = t.on_event(WatchEvent::Delete(HttpRt(o)));
+        assert!(
+            matches!(b.as_slice(), [Event::HttpRouteDeleted { name, .. }] if name == "vs"),
+            "{b:?}"
+        );
     }
 
     #[test]

@@ -4,11 +4,11 @@
 //! Kubernetes objects (from the API server, [`kubesource`], or from a folder
 //! of YAML, [`dirsource`]), turns them into Istio's Workload API
 //! ([`translate`]) and, for services behind a waypoint, into the waypoint's
-//! `ServiceRoutes` (VirtualService, DestinationRule), pushes what changed to
+//! `ServiceRoutes` (VirtualService, DestinationRule, HTTPRoute), pushes what changed to
 //! every ztunnel and waypoint over delta xDS ([`push`]), signs the
 //! certificates ztunnels use for HBONE ([`ca`]) and publishes the root they
-//! trust ([`rootcm`]), and provisions the waypoints Gateways ask for
-//! ([`waypoints`]).
+//! trust ([`rootcm`]), provisions the waypoints Gateways ask for
+//! ([`waypoints`]) and reports HTTPRoute status ([`routestatus`]).
 //! [`server`] holds its listeners; [`start`] wires it all.
 
 #![forbid(unsafe_code)]
@@ -19,6 +19,7 @@ pub mod dirsource;
 pub mod kubesource;
 pub mod push;
 pub mod rootcm;
+pub mod routestatus;
 pub mod server;
 pub mod translate;
 pub mod waypoints;
@@ -172,6 +173,11 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
             c.clone(),
             root_pem.clone(),
             cfg.discovery_selector.clone(),
+            drain.clone(),
+        ));
+        tokio::spawn(routestatus::run(
+            c.clone(),
+            translator.lock().config().clone(),
             drain.clone(),
         ));
         tokio::spawn(waypoints::run(

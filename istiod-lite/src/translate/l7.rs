@@ -9,7 +9,9 @@
 //! route. Objects are validated here (both sources hand over the raw
 //! `spec`), so an invalid one is reported with its field path and treated
 //! as absent, and fields this slice does not carry are named in a warning
-//! instead of being silently dropped.
+//! instead of being silently dropped. `tcp` routes are converted in
+//! `tcp.rs`; Gateway API HTTPRoutes (`httproute.rs`) attached to a service
+//! replace its VirtualService here.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -47,6 +49,8 @@ pub(super) struct VsInfo {
     /// Services named by `hosts` (namespace, name).
     pub hosts: BTreeSet<Key>,
     pub routes: Vec<pb::HttpRoute>,
+    /// `tcp` routes (`tcp.rs`).
+    pub tcp_routes: Vec<pb::TcpRoute>,
     pub created: Option<String>,
     /// Fields ignored because they are not supported yet.
     pub unsupported: Vec<String>,
@@ -63,7 +67,7 @@ pub(super) struct DrInfo {
     pub unsupported: Vec<String>,
 }
 
-type Rest = BTreeMap<String, Value>;
+pub(super) type Rest = BTreeMap<String, Value>;
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]
@@ -71,6 +75,7 @@ struct VsSpec {
     hosts: Vec<String>,
     gateways: Vec<String>,
     http: Vec<VsHttp>,
+    tcp: Vec<super::tcp::VsTcp>,
     #[serde(flatten)]
     rest: Rest,
 }
@@ -363,16 +368,16 @@ struct DrOutlier {
 }
 
 /// Field-path aware conversion of one object.
-struct Ctx<'a> {
-    kind: &'static str,
-    object: String,
-    namespace: &'a str,
-    cfg: &'a MeshConfig,
-    unsupported: Vec<String>,
+pub(super) struct Ctx<'a> {
+    pub kind: &'static str,
+    pub object: String,
+    pub namespace: &'a str,
+    pub cfg: &'a MeshConfig,
+    pub unsupported: Vec<String>,
 }
 
 impl Ctx<'_> {
-    fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> L7Error {
+    pub(super) fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> L7Error {
         L7Error::Field {
             kind: self.kind,
             object: self.object.clone(),
@@ -382,16 +387,16 @@ impl Ctx<'_> {
     }
 
     /// Notes every field this slice ignores.
-    fn rest(&mut self, path: &str, rest: &Rest) {
+    pub(super) fn rest(&mut self, path: &str, rest: &Rest) {
         self.unsupported
             .extend(rest.keys().map(|k| format!("{path}.{k}")));
     }
 
-    fn duration_ms(&self, path: &str, s: &str) -> Result<u64, L7Error> {
+    pub(super) fn duration_ms(&self, path: &str, s: &str) -> Result<u64, L7Error> {
         parse_duration_ms(s).ok_or_else(|| self.err(path, format!("invalid duration {s:?}")))
     }
 
-    fn percent(&self, path: &str, v: f64) -> Result<f64, L7Error> {
+    pub(super) fn percent(&self, path: &str, v: f64) -> Result<f64, L7Error> {
         if (0.0..=100.0).contains(&v) {
             Ok(v)
         } else {
@@ -399,7 +404,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn regex(&self, path: &str, re: &str) -> Result<(), L7Error> {
+    pub(super) fn regex(&self, path: &str, re: &str) -> Result<(), L7Error> {
         regex::Regex::new(re)
             .map(|_| ())
             .map_err(|e| self.err(path, format!("invalid regex: {e}")))
@@ -407,7 +412,7 @@ impl Ctx<'_> {
 
     /// `host` as an FQDN: a name without dots lives in the object's
     /// namespace, anything else is taken as written.
-    fn fqdn(&self, host: &str) -> String {
+    pub(super) fn fqdn(&self, host: &str) -> String {
         if host.contains('.') || host.contains('*') {
             host.to_string()
         } else {
@@ -417,7 +422,7 @@ impl Ctx<'_> {
 }
 
 /// (namespace, name) of the Service an FQDN names, if it is one.
-fn service_key(cfg: &MeshConfig, fqdn: &str) -> Option<Key> {
+pub(super) fn service_key(cfg: &MeshConfig, fqdn: &str) -> Option<Key> {
     let rest = fqdn.strip_suffix(&format!(".svc.{}", cfg.domain_suffix))?;
     let (name, ns) = rest.split_once('.')?;
     (!name.is_empty() && !ns.is_empty() && !ns.contains('.'))
@@ -462,7 +467,7 @@ pub(super) fn parse_duration_ms(s: &str) -> Option<u64> {
     Some(if ms == 0 && total_ns > 0.0 { 1 } else { ms })
 }
 
-fn deserialize<T: serde::de::DeserializeOwned + Default>(
+pub(super) fn deserialize<T: serde::de::DeserializeOwned + Default>(
     kind: &'static str,
     obj: &PolicyObject,
 ) -> Result<T, L7Error> {
@@ -522,9 +527,18 @@ pub(super) fn convert_virtual_service(
             routes.push(r);
         }
     }
+    let mut tcp_routes = Vec::new();
+    for (i, t) in spec.tcp.iter().enumerate() {
+        tcp_routes.extend(super::tcp::convert_tcp(
+            &mut cx,
+            &format!("spec.tcp[{i}]"),
+            t,
+        )?);
+    }
     Ok(VsInfo {
         hosts,
         routes,
+        tcp_routes,
         created: obj.creation_timestamp.clone(),
         unsupported: cx.unsupported,
     })
@@ -1110,14 +1124,14 @@ fn protocol_name(p: AppProtocol) -> &'static str {
 
 /// Oldest first, then by namespace and name: which of competing objects
 /// wins, as in Istio.
-fn older(a: (&Option<String>, &Key), b: (&Option<String>, &Key)) -> bool {
+pub(super) fn older(a: (&Option<String>, &Key), b: (&Option<String>, &Key)) -> bool {
     let rank = |c: &Option<String>| (c.is_none(), c.clone());
     (rank(a.0), a.1) < (rank(b.0), b.1)
 }
 
 impl Translator {
     /// Records the warnings (or the error) of one L7 object.
-    fn l7_problem(&mut self, key: String, result: Result<&[String], &L7Error>) {
+    pub(super) fn l7_problem(&mut self, key: String, result: Result<&[String], &L7Error>) {
         match result {
             Ok([]) => {
                 self.problems.remove(&key);
@@ -1202,6 +1216,7 @@ impl Translator {
         let svc = self.services.get(ns)?.get(name)?;
         let wl = svc.to_service(&self.cfg, ns, name, self.namespaces.get(ns))?;
         wl.waypoint.as_ref()?;
+        let attached = self.http_routes_for(key, &wl.hostname, wl.waypoint.as_ref());
         let vs = self
             .virtual_services
             .iter()
@@ -1238,8 +1253,28 @@ impl Translator {
                     protocol: protocol_name(p.app_protocol).to_string(),
                 })
                 .collect(),
-            http_routes: vs.map(|(_, v)| v.routes.clone()).unwrap_or_default(),
-            tcp_routes: Vec::new(),
+            http_routes: if attached.routes.is_empty() {
+                vs.map(|(_, v)| v.routes.clone()).unwrap_or_default()
+            } else {
+                if let Some(((vns, vname), _)) = vs {
+                    let routes: Vec<String> = attached
+                        .objects
+                        .iter()
+                        .map(|(n, r)| format!("HTTPRoute {n}/{r}"))
+                        .collect();
+                    tracing::warn!(
+                        service = %wl.hostname,
+                        "VirtualService {vns}/{vname} ignored: {} take precedence",
+                        routes.join(", ")
+                    );
+                }
+                attached.routes.clone()
+            },
+            // An HTTPRoute on the service sets the whole VirtualService aside.
+            tcp_routes: match vs {
+                Some((_, v)) if attached.routes.is_empty() => v.tcp_routes.clone(),
+                _ => Vec::new(),
+            },
             traffic_policy: dr.and_then(|(_, d)| d.traffic_policy.clone()),
             subsets: dr.map(|(_, d)| d.subsets.clone()).unwrap_or_default(),
         };

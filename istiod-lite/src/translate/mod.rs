@@ -15,9 +15,14 @@
 //! `authorization_policies`.
 //!
 //! For services behind a waypoint it compiles `VirtualService` and
-//! `DestinationRule` into the waypoint's `ServiceRoutes` (`l7.rs`).
+//! `DestinationRule` into the waypoint's `ServiceRoutes` (`l7.rs`), and
+//! Gateway API `HTTPRoute`s attached to a service or its waypoint
+//! (`httproute.rs`), which take precedence over a VirtualService.
 
 pub mod authz;
+pub mod httproute;
+#[cfg(test)]
+mod httproute_tests;
 pub mod l7;
 #[cfg(test)]
 mod l7_tests;
@@ -27,6 +32,9 @@ mod policy;
 #[cfg(test)]
 mod policy_tests;
 mod service;
+mod tcp;
+#[cfg(test)]
+mod tcp_tests;
 #[cfg(test)]
 mod tests;
 
@@ -194,6 +202,15 @@ pub enum Event {
         /// Name of the object.
         name: String,
     },
+    /// An HTTPRoute (gateway.networking.k8s.io) was created or changed.
+    HttpRoute(PolicyObject),
+    /// An HTTPRoute is gone.
+    HttpRouteDeleted {
+        /// Namespace of the object.
+        namespace: String,
+        /// Name of the object.
+        name: String,
+    },
 }
 
 /// Resources that differ from what `take_changes` returned before.
@@ -259,6 +276,8 @@ pub struct Translator {
     virtual_services: l7::VsMap,
     /// Valid DestinationRules by (namespace, name).
     destination_rules: l7::DrMap,
+    /// Valid HTTPRoutes by (namespace, name).
+    http_routes: httproute::HrMap,
     /// Services whose `ServiceRoutes` may have changed.
     dirty_routes: BTreeSet<Key>,
     /// `ServiceRoutes` as last returned, by hostname.
@@ -290,6 +309,7 @@ impl Translator {
             peer_authn: HashMap::new(),
             virtual_services: HashMap::new(),
             destination_rules: HashMap::new(),
+            http_routes: HashMap::new(),
             dirty_routes: BTreeSet::new(),
             routes: BTreeMap::new(),
             problems: BTreeMap::new(),
@@ -408,6 +428,8 @@ impl Translator {
             Event::DestinationRuleDeleted { namespace, name } => {
                 self.delete_destination_rule(namespace, name)
             }
+            Event::HttpRoute(obj) => self.apply_http_route(obj),
+            Event::HttpRouteDeleted { namespace, name } => self.delete_http_route(namespace, name),
         }
     }
 
@@ -417,6 +439,8 @@ impl Translator {
         let dirty_pods = std::mem::take(&mut self.dirty_pods);
         let dirty_services = std::mem::take(&mut self.dirty_services);
         let dirty_policies = std::mem::take(&mut self.dirty_policies);
+        // A service appearing or going away may be an HTTPRoute's backend.
+        self.mark_backend_dependents(&dirty_services);
         // A service's waypoint (its own or its namespace's label) and ports
         // decide its ServiceRoutes.
         let mut dirty_routes = std::mem::take(&mut self.dirty_routes);
