@@ -13,6 +13,21 @@ use common::{tally, within_binomial, Task};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// The prefix tcp-echo answered with (`one` for v1, `two` for v2) on
+/// each of `n` connections to tcp-echo:9000 from the curl pod.
+fn tcp_echo(t: &Task, curl: &str, n: usize) -> Vec<String> {
+    let script = format!(
+        "i=0; while [ $i -lt {n} ]; do i=$((i+1)); \\
+         bash -c 'exec 3<>/dev/tcp/tcp-echo/9000 && echo hello >&3 && read -t 10 -r a b <&3 && echo \"echo $a\"' \\
+         || echo 'echo none'; done"
+    );
+    t.sh(curl, &script)
+        .lines()
+        .filter_map(|l| l.strip_prefix("echo "))
+        .map(str::to_string)
+        .collect()
+}
+
 fn all(v: &[String], version: &str) -> bool {
     !v.is_empty() && v.iter().all(|s| s == version)
 }
@@ -29,6 +44,7 @@ fn bookinfo_request_routing_and_traffic_shifting_through_the_waypoint() {
             "samples/bookinfo/bookinfo.yaml",
             "samples/bookinfo/bookinfo-versions.yaml",
             "samples/curl/curl.yaml",
+            "samples/tcp-echo/tcp-echo-services.yaml",
         ],
     );
     let gw = t.kubectl(&["get", "gateway", "waypoint", "-n", "default"]);
@@ -164,6 +180,29 @@ spec:
         || t.sh(&curl, "curl -s http://productpage:9080/products"),
         |page| page.contains("Simple Bookstore App"),
     );
+
+    // TCP traffic shifting: tcp-echo's port 9000 is opaque TCP, passed
+    // through the waypoint by its `tcp` routes.
+    t.apply_file("samples/tcp-echo/tcp-echo-mesh-all-v1.yaml");
+    t.eventually(
+        "tcp-echo all v1",
+        WAIT,
+        || tcp_echo(&t, &curl, 10),
+        |v| all(v, "one"),
+    );
+    t.apply_file("samples/tcp-echo/tcp-echo-mesh-20-v2.yaml");
+    t.eventually(
+        "tcp-echo 20% v2",
+        WAIT,
+        || tcp_echo(&t, &curl, 20),
+        |v| v.iter().any(|s| s == "two"),
+    );
+    let v = tcp_echo(&t, &curl, 200);
+    let n = tally(&v);
+    let two = n.get("two").copied().unwrap_or(0);
+    eprintln!("tcp-echo 80/20 over 200 connections: {n:?}");
+    assert_eq!(n.get("one").copied().unwrap_or(0) + two, 200, "{n:?}");
+    assert!(within_binomial(two, 200, 0.2), "tcp 80/20: {n:?}");
 
     // The same routing with Gateway API HTTPRoutes (VirtualServices gone).
     t.kubectl(&["delete", "virtualservice", "--all", "-n", "default"]);
