@@ -29,7 +29,7 @@ use crate::translate::httproute::{
     backend_refs, parents, validate_http_route, ParentKind, CONTROLLER_NAME,
 };
 use crate::translate::{MeshConfig, PolicyObject};
-use crate::waypoints::WAYPOINT_CLASS;
+use crate::waypoints::{condition, WAYPOINT_CLASS};
 
 const FIELD_MANAGER: &str = "istiod-lite";
 /// How often every route is looked at again (a safety net for missed
@@ -82,36 +82,6 @@ pub struct World {
     pub services: BTreeMap<(String, String), bool>,
     /// Gateways named by the route, by (namespace, name).
     pub gateways: BTreeMap<(String, String), GatewayState>,
-}
-
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    previous: &[Value],
-    now: &str,
-) -> Value {
-    let status = if ok { "True" } else { "False" };
-    // The transition time changes only when the status does.
-    let since = previous
-        .iter()
-        .find(|c| c.get("type").and_then(Value::as_str) == Some(type_))
-        .filter(|c| c.get("status").and_then(Value::as_str) == Some(status))
-        .and_then(|c| c.get("lastTransitionTime").and_then(Value::as_str))
-        .unwrap_or(now);
-    let mut c = json!({
-        "type": type_,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": since,
-    });
-    if let Some(g) = generation {
-        c["observedGeneration"] = g.into();
-    }
-    c
 }
 
 /// The route's `status`, given what exists. `previous` is the current

@@ -408,7 +408,9 @@ pub fn check_listeners(spec: &Value) -> Vec<ListenerCheck> {
         .collect()
 }
 
-fn condition(
+/// One Gateway API status condition; the transition time is kept from
+/// `previous` while the status stays the same.
+pub(crate) fn condition(
     type_: &str,
     ok: bool,
     reason: &str,
