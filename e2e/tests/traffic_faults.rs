@@ -17,34 +17,32 @@ const REVIEWS_UNAVAILABLE: &str = "Sorry, product reviews are currently unavaila
 const RATINGS_UNAVAILABLE: &str = "Ratings service is currently unavailable";
 const BLACK_STARS: &str = "text-black-500";
 
-fn ratings_delay_for_jason(delay: &str) -> String {
+/// A VirtualService routing ratings to v1, with `fault` (YAML indented
+/// for the rule) applied to jason only or to everyone.
+fn ratings_vs(fault: &str, jason_only: bool) -> String {
+    let faulty = format!("    fault:\n{fault}    route:\n    - destination:\n        host: ratings\n        subset: v1\n");
+    let rest = if jason_only {
+        "  - route:\n    - destination:\n        host: ratings\n        subset: v1\n"
+    } else {
+        ""
+    };
+    let head = if jason_only {
+        "  - match:\n    - headers:\n        end-user:\n          exact: jason\n"
+    } else {
+        "  -\n"
+    };
     format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: ratings
-spec:
-  hosts:
-  - ratings
-  http:
-  - match:
-    - headers:
-        end-user:
-          exact: jason
-    fault:
-      delay:
-        percentage:
-          value: 100.0
-        fixedDelay: {delay}
-    route:
-    - destination:
-        host: ratings
-        subset: v1
-  - route:
-    - destination:
-        host: ratings
-        subset: v1
-"#
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: ratings\nspec:\n  hosts:\n  - ratings\n  http:\n{head}{faulty}{rest}"
+    )
+}
+
+/// reviews to v2, with an optional route timeout.
+fn reviews_v2(timeout: Option<&str>) -> String {
+    let timeout = timeout
+        .map(|t| format!("    timeout: {t}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts:\n  - reviews\n  http:\n  - route:\n    - destination:\n        host: reviews\n        subset: v2\n{timeout}"
     )
 }
 
@@ -94,7 +92,10 @@ fn bookinfo_fault_injection_and_request_timeouts_through_the_waypoint() {
 
     // The fixes that work: delays under productpage's 3 s.
     for delay in ["2s", "1s"] {
-        t.apply(&ratings_delay_for_jason(delay));
+        t.apply(&ratings_vs(
+            &format!("      delay:\n        percentage:\n          value: 100.0\n        fixedDelay: {delay}\n"),
+            true,
+        ));
         t.eventually(
             &format!("{delay} delay for jason"),
             WAIT,
@@ -125,25 +126,10 @@ fn bookinfo_fault_injection_and_request_timeouts_through_the_waypoint() {
     assert_eq!(out, "fault filter abort 500", "abort seen by a client");
 
     // 503 with the legacy `percent` form, then half the requests aborted.
-    t.apply(
-        r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: ratings
-spec:
-  hosts:
-  - ratings
-  http:
-  - fault:
-      abort:
-        percent: 100
-        httpStatus: 503
-    route:
-    - destination:
-        host: ratings
-        subset: v1
-"#,
-    );
+    t.apply(&ratings_vs(
+        "      abort:\n        percent: 100\n        httpStatus: 503\n",
+        false,
+    ));
     t.eventually(
         "abort 503 (percent)",
         WAIT,
@@ -155,26 +141,10 @@ spec:
         },
         |c| c == "503",
     );
-    t.apply(
-        r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: ratings
-spec:
-  hosts:
-  - ratings
-  http:
-  - fault:
-      abort:
-        percentage:
-          value: 50
-        httpStatus: 503
-    route:
-    - destination:
-        host: ratings
-        subset: v1
-"#,
-    );
+    t.apply(&ratings_vs(
+        "      abort:\n        percentage:\n          value: 50\n        httpStatus: 503\n",
+        false,
+    ));
     let codes = t.eventually(
         "abort 503 for half the requests",
         WAIT,
@@ -193,38 +163,11 @@ spec:
     assert!(within_binomial(aborted, 100, 0.5), "{aborted} of 100");
 
     // Request timeouts: reviews v2, ratings delayed 2 s for everyone.
-    t.apply(
-        r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: reviews
-spec:
-  hosts:
-    - reviews
-  http:
-  - route:
-    - destination:
-        host: reviews
-        subset: v2
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: ratings
-spec:
-  hosts:
-  - ratings
-  http:
-  - fault:
-      delay:
-        percent: 100
-        fixedDelay: 2s
-    route:
-    - destination:
-        host: ratings
-        subset: v1
-"#,
-    );
+    t.apply(&reviews_v2(None));
+    t.apply(&ratings_vs(
+        "      delay:\n        percent: 100\n        fixedDelay: 2s\n",
+        false,
+    ));
     t.eventually(
         "reviews v2 with ratings delayed 2 s",
         WAIT,
@@ -246,22 +189,7 @@ spec:
     );
     assert_eq!(out, "200", "without the header reviews answers after 2 s");
 
-    t.apply(
-        r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: reviews
-spec:
-  hosts:
-  - reviews
-  http:
-  - route:
-    - destination:
-        host: reviews
-        subset: v2
-    timeout: 0.5s
-"#,
-    );
+    t.apply(&reviews_v2(Some("0.5s")));
     t.eventually(
         "reviews timeout 0.5 s",
         WAIT,

@@ -151,12 +151,7 @@ impl Task {
     /// when given, and how long it took.
     pub fn page(&self, user: Option<&str>) -> (String, Duration) {
         let curl = self.pod("app=curl");
-        let login = match user {
-            Some(u) => format!(
-                "curl -s -o /dev/null -c \"$jar\" -d 'username={u}&passwd=' http://productpage:9080/login; "
-            ),
-            None => String::new(),
-        };
+        let login = login_script(user);
         let script = format!(
             "jar=$(mktemp); {login}curl -s --max-time 30 -b \"$jar\" http://productpage:9080/productpage; rm -f \"$jar\""
         );
@@ -169,12 +164,7 @@ impl Task {
     /// `v3`, or `none` when the page had no reviews).
     pub fn reviews_versions(&self, n: usize, user: Option<&str>) -> Vec<String> {
         let curl = self.pod("app=curl");
-        let login = match user {
-            Some(u) => format!(
-                "curl -s -o /dev/null -c \"$jar\" -d 'username={u}&passwd=' http://productpage:9080/login; "
-            ),
-            None => String::new(),
-        };
+        let login = login_script(user);
         let script = format!(
             "jar=$(mktemp); {login}i=0; while [ $i -lt {n} ]; do i=$((i+1)); \
              v=$(curl -s --max-time 30 -b \"$jar\" http://productpage:9080/productpage | grep -o 'reviews-v[123]' | head -n1); \
@@ -254,6 +244,16 @@ impl Task {
             .filter(|l| filters.iter().all(|f| l.contains(f)))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+}
+
+/// Shell that signs `user` in to productpage with the cookie jar `$jar`.
+fn login_script(user: Option<&str>) -> String {
+    match user {
+        Some(u) => format!(
+            "curl -s -o /dev/null -c \"$jar\" -d 'username={u}&passwd=' http://productpage:9080/login; "
+        ),
+        None => String::new(),
     }
 }
 
