@@ -1,6 +1,7 @@
-//! The waypoint's own endpoints, off the traffic path: `/config_dump` on
-//! the admin port (localhost only), Prometheus `/metrics` on 15020 and
-//! `/healthz/ready` on 15021, each a tiny HTTP/1.1 server.
+//! The waypoint's own endpoints, off the traffic path: `/config_dump` and
+//! Envoy's text `/stats` on the admin port (localhost only), Prometheus
+//! `/metrics` on 15020 and `/healthz/ready` on 15021, each a tiny HTTP/1.1
+//! server.
 
 use std::convert::Infallible;
 
@@ -12,7 +13,8 @@ use mesh_core::certs::CertificateManager;
 use mesh_core::drain;
 use mesh_core::readiness::Ready;
 
-use crate::metrics::Metrics;
+use crate::cluster::Clusters;
+use crate::metrics::{ClusterStats, Metrics};
 use crate::state::State;
 
 /// Which listener a request arrived on.
@@ -29,6 +31,7 @@ pub struct AdminState {
     pub certs: CertificateManager,
     pub metrics: Metrics,
     pub ready: Ready,
+    pub clusters: std::sync::Arc<Clusters>,
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>, ctype: &'static str) -> Response<Full<Bytes>> {
@@ -53,11 +56,23 @@ impl AdminState {
                     "application/json",
                 )
             }
-            (Endpoint::Stats | Endpoint::Admin, "/metrics" | "/stats/prometheus") => text(
-                StatusCode::OK,
-                self.metrics.encode(),
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ),
+            (Endpoint::Admin, "/stats") if !wants_prometheus(req.uri().query()) => {
+                match self.envoy_stats(req.uri().query()) {
+                    Ok(body) => text(StatusCode::OK, body, "text/plain; charset=UTF-8"),
+                    Err(e) => text(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid filter: {e}\n"),
+                        "text/plain",
+                    ),
+                }
+            }
+            (Endpoint::Stats | Endpoint::Admin, "/metrics" | "/stats/prometheus" | "/stats") => {
+                text(
+                    StatusCode::OK,
+                    self.metrics.encode(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+            }
             (Endpoint::Readiness | Endpoint::Admin, "/healthz/ready") => {
                 if self.ready.is_ready() {
                     text(StatusCode::OK, "ready\n", "text/plain")
@@ -72,6 +87,75 @@ impl AdminState {
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
         }
+    }
+}
+
+/// `format=prometheus` asks `/stats` for the Prometheus form, as on Envoy.
+fn wants_prometheus(query: Option<&str>) -> bool {
+    query_param(query, "format") == Some("prometheus")
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Undoes `%XX` escapes (and `+`) of a query value.
+fn percent_decode(v: &str) -> String {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl AdminState {
+    /// Envoy's text statistics of every cluster the configuration defines
+    /// (each service port, alone and per subset), one `name: value` a line;
+    /// `filter=<regex>` keeps the matching lines, as Envoy's does.
+    fn envoy_stats(&self, query: Option<&str>) -> Result<String, regex::Error> {
+        let filter = query_param(query, "filter")
+            .map(|f| regex::Regex::new(&percent_decode(f)))
+            .transpose()?;
+        let mut all = String::new();
+        let zero = ClusterStats::default();
+        for (svc, routes) in self.state.services_with_routes() {
+            let mut subsets: Vec<&str> = vec![""];
+            if let Some(r) = &routes {
+                let mut names: Vec<&str> = r.subsets.keys().map(String::as_str).collect();
+                names.sort_unstable();
+                subsets.extend(names);
+            }
+            for port in svc.ports.keys() {
+                for subset in &subsets {
+                    let name = crate::cluster::cluster_name(&svc.hostname, subset, *port);
+                    let stats = self.clusters.stats(&svc.hostname, subset, *port);
+                    stats.as_ref().unwrap_or(&zero).envoy_text(&name, &mut all);
+                }
+            }
+        }
+        Ok(match filter {
+            None => all,
+            Some(re) => all
+                .lines()
+                .filter(|l| re.is_match(l))
+                .flat_map(|l| [l, "\n"])
+                .collect(),
+        })
     }
 }
 
@@ -108,5 +192,22 @@ pub async fn serve(
                 tracing::debug!(error = %e, "admin connection error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values() {
+        assert_eq!(
+            percent_decode("httpbin.*pending%7Coverflow+x"),
+            "httpbin.*pending|overflow x"
+        );
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert!(wants_prometheus(Some("a=1&format=prometheus")));
+        assert_eq!(query_param(Some("filter=abc"), "filter"), Some("abc"));
+        assert_eq!(query_param(None, "filter"), None);
     }
 }

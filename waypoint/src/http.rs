@@ -16,21 +16,27 @@ use hyper::body::Incoming;
 use mesh_core::hbone::headers;
 use mesh_core::proto::waypoint as pb;
 
-use crate::metrics::RequestLabels;
+use crate::cluster::{Cluster, Lease, Limits, RequestSlot};
 use crate::proxy::{ConnCtx, Target};
 use crate::routing::{
-    apply_header_ops, connection_pool_for, hash_input, load_balancer_for, max_in_flight,
-    outlier_detection_for, pick_weighted, redirect_location, rewrite_path, Action, RequestView,
-    Route, StrMatch,
+    apply_header_ops, connection_pool_for, hash_input, load_balancer_for, outlier_detection_for,
+    pick_weighted, redirect_location, rewrite_path, Action, RequestView, Route, StrMatch,
 };
 use crate::state::{Endpoint, Service};
-use crate::upstream::UpstreamError;
+use crate::upstream::{TunnelInfo, UpstreamError};
 
 /// Response body of every request the waypoint answers.
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Overrides the route timeout for this request (ms; 0 = none).
+const X_RQ_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-upstream-rq-timeout-ms");
+/// Overrides the per-try timeout (ms), when below the request timeout.
+const X_PER_TRY_TIMEOUT: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
+/// Tells the upstream how long the waypoint will wait for it (ms).
+const X_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 /// Pause between tries, as Envoy's default retry back-off base.
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
@@ -71,15 +77,31 @@ enum Dest {
         svc: Arc<Service>,
         port: u16,
         selector: Option<std::collections::BTreeMap<String, String>>,
-        /// Round-robin key.
-        key: String,
+        /// Circuit breakers and connections; its name is the round-robin key.
+        cluster: Arc<Cluster>,
         lb: Option<pb::LoadBalancer>,
-        pool: Option<pb::ConnectionPool>,
         outlier: Option<pb::OutlierDetection>,
     },
-    Pod(Endpoint),
+    Pod(Endpoint, Arc<Cluster>),
     /// The destination names a service or subset that does not exist.
     Unknown,
+}
+
+impl Dest {
+    fn cluster(&self) -> Option<&Arc<Cluster>> {
+        match self {
+            Dest::Service { cluster, .. } | Dest::Pod(_, cluster) => Some(cluster),
+            Dest::Unknown => None,
+        }
+    }
+}
+
+/// What an upstream response holds on to until its body has been sent:
+/// the connection (back to the pool afterwards) and the request's share
+/// of the cluster's request limit.
+struct Held {
+    _lease: Lease,
+    _slot: RequestSlot,
 }
 
 /// What the request ended with, for metrics and the log.
@@ -87,6 +109,63 @@ struct Outcome {
     response: Response<Body>,
     flags: &'static str,
     endpoint: Option<Endpoint>,
+    held: Option<Held>,
+}
+
+impl Outcome {
+    fn local(response: Response<Body>, flags: &'static str) -> Self {
+        Outcome {
+            response,
+            flags,
+            endpoint: None,
+            held: None,
+        }
+    }
+}
+
+/// The request's timeouts after the `x-envoy-*` request headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub global: Option<Duration>,
+    pub per_try: Option<Duration>,
+}
+
+impl Timeouts {
+    /// Envoy's rules: `x-envoy-upstream-rq-timeout-ms` replaces the route
+    /// timeout (0 = none); `x-envoy-upstream-rq-per-try-timeout-ms` replaces
+    /// the per-try timeout unless it is not below the request timeout.
+    /// Values that are not plain milliseconds are ignored. Both headers are
+    /// removed: they are for this hop only.
+    pub fn from_request(headers: &mut HeaderMap, route: Option<Duration>, per_try_ms: u64) -> Self {
+        let ms = |v: Option<HeaderValue>| -> Option<u64> {
+            let v = v?;
+            let s = v.to_str().ok()?;
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            s.parse().ok()
+        };
+        let global = match ms(headers.remove(&X_RQ_TIMEOUT)) {
+            Some(0) => None,
+            Some(n) => Some(Duration::from_millis(n)),
+            None => route,
+        };
+        let mut per_try = (per_try_ms > 0).then(|| Duration::from_millis(per_try_ms));
+        if let Some(n) = ms(headers.remove(&X_PER_TRY_TIMEOUT)).filter(|n| *n > 0) {
+            let d = Duration::from_millis(n);
+            if global.is_none_or(|g| d < g) {
+                per_try = Some(d);
+            }
+        }
+        Timeouts { global, per_try }
+    }
+
+    /// The value of `x-envoy-expected-rq-timeout-ms` for the upstream.
+    fn expected_ms(&self) -> Option<u64> {
+        self.per_try
+            .or(self.global)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
 }
 
 impl ConnCtx {
@@ -97,22 +176,32 @@ impl ConnCtx {
                 Target::Service { svc, port } => {
                     let routes = self.inputs.state.routes_for(&svc.hostname);
                     let r = routes.as_deref();
+                    let pool = r.and_then(|r| connection_pool_for(r, "", *port));
                     Dest::Service {
                         svc: svc.clone(),
                         port: *port,
                         selector: None,
-                        key: format!("{}||{port}", svc.hostname),
+                        cluster: self.inputs.clusters.get(
+                            &svc.hostname,
+                            "",
+                            *port,
+                            Limits::from_pool(pool.as_ref()),
+                        ),
                         lb: r.and_then(|r| load_balancer_for(r, "", *port)),
-                        pool: r.and_then(|r| connection_pool_for(r, "", *port)),
                         outlier: r.and_then(|r| outlier_detection_for(r, "", *port)),
                     }
                 }
                 Target::Pod { workload, port } => match workload.ips.first() {
-                    Some(ip) => Dest::Pod(Endpoint {
-                        workload: workload.clone(),
-                        ip: *ip,
-                        port: *port,
-                    }),
+                    Some(ip) => Dest::Pod(
+                        Endpoint {
+                            workload: workload.clone(),
+                            ip: *ip,
+                            port: *port,
+                        },
+                        self.inputs
+                            .clusters
+                            .pod(std::net::SocketAddr::new(*ip, *port)),
+                    ),
                     None => Dest::Unknown,
                 },
             };
@@ -135,14 +224,19 @@ impl ConnCtx {
             .ok()
             .filter(|p| *p != 0)
             .unwrap_or(in_port);
+        let pool = routes
+            .as_deref()
+            .and_then(|r| connection_pool_for(r, &d.subset, port));
         Dest::Service {
-            key: format!("{}|{}|{port}", svc.hostname, d.subset),
+            cluster: self.inputs.clusters.get(
+                &svc.hostname,
+                &d.subset,
+                port,
+                Limits::from_pool(pool.as_ref()),
+            ),
             lb: routes
                 .as_deref()
                 .and_then(|r| load_balancer_for(r, &d.subset, port)),
-            pool: routes
-                .as_deref()
-                .and_then(|r| connection_pool_for(r, &d.subset, port)),
             outlier: routes
                 .as_deref()
                 .and_then(|r| outlier_detection_for(r, &d.subset, port)),
@@ -158,22 +252,30 @@ impl ConnCtx {
                 svc,
                 port,
                 selector,
-                key,
+                cluster,
                 lb,
                 outlier,
-                ..
             } => {
                 let mut eps = self.inputs.state.endpoints(svc, *port, selector.as_ref());
                 if let Some(o) = outlier {
-                    eps = self.inputs.outliers.filter(eps, o);
+                    let (kept, ejected) = self.inputs.outliers.filter_counted(eps, o);
+                    cluster.stats.ejections_active.set(ejected as i64);
+                    eps = kept;
                 }
                 let hash = hash_input(lb.as_ref(), headers, self.src.ip());
-                self.inputs.pick_lb(lb.as_ref(), key, &eps, hash)
+                self.inputs.pick_lb(lb.as_ref(), &cluster.name, &eps, hash)
             }
-            Dest::Pod(ep) => ep.workload.healthy.then(|| ep.clone()),
+            Dest::Pod(ep, _) => ep.workload.healthy.then(|| ep.clone()),
             Dest::Unknown => None,
         }
     }
+}
+
+/// Approximate wire size of a header block (`name: value\r\n` each).
+fn header_bytes(h: &HeaderMap) -> u64 {
+    h.iter()
+        .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+        .sum()
 }
 
 /// Handles one request; never fails (errors become local responses).
@@ -197,6 +299,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body>
                 .map(str::to_string)
         })
         .unwrap_or_default();
+    // Request line and headers as received.
+    let mut req_bytes = header_bytes(&parts.headers)
+        + (parts.method.as_str().len() + parts.uri.path().len() + 12) as u64;
     prepare_headers(&ctx, &mut parts.headers);
     let request_id = parts
         .headers
@@ -205,77 +310,158 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body>
         .unwrap_or("")
         .to_string();
 
-    let mut labels = RequestLabels::new().with_source(
-        ctx.src_workload.as_deref(),
-        ctx.client_id.as_ref().map(|i| i.to_string()),
-    );
-    labels.request_protocol = if grpc { "grpc" } else { "http" }.into();
-    if let Target::Service { svc, .. } = &ctx.target {
-        labels = labels.with_service(svc);
-    }
-
     let max = ctx.inputs.cfg.max_request_body;
     // gRPC streams both ways: holding the request until its end would
     // deadlock a bidirectional call, so it is sent on as it arrives (and
     // then only tried once, since the body cannot be replayed).
     let outcome = if grpc {
+        req_bytes += parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
         let body = ReqBody::Streaming(std::sync::Mutex::new(Some(body)));
         route_request(&ctx, &mut parts, &authority, body).await
     } else {
         match Limited::new(body, max).collect().await {
-            Err(e) => Outcome {
-                response: local_response(
+            Err(e) => Outcome::local(
+                local_response(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     &format!("request body rejected: {e}"),
                 ),
-                flags: "-",
-                endpoint: None,
-            },
+                "-",
+            ),
             Ok(collected) => {
-                let body = ReqBody::Buffered(collected.to_bytes());
+                let bytes = collected.to_bytes();
+                req_bytes += bytes.len() as u64;
+                let body = ReqBody::Buffered(bytes);
                 route_request(&ctx, &mut parts, &authority, body).await
             }
         }
     };
 
     let mut response = outcome.response;
-    if let Some(ep) = &outcome.endpoint {
-        labels = labels.with_destination(&ep.workload);
-    }
-    labels.response_code = response.status().as_u16().to_string();
-    labels.response_flags = outcome.flags.into();
-    if let Some(s) = response
+    let grpc_status = response
         .headers()
         .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-    {
-        labels.grpc_response_status = s.to_string();
-    }
+        .and_then(|v| v.to_str().ok());
+    // Requests of one connection mostly end alike: their label set (and so
+    // their series) is looked up once and reused while it stays the same.
+    let handles = ctx.metric_handles(
+        grpc,
+        outcome.endpoint.as_ref(),
+        response.status(),
+        outcome.flags,
+        grpc_status,
+    );
     if !request_id.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             response.headers_mut().entry(X_REQUEST_ID).or_insert(v);
         }
     }
     let millis = start.elapsed().as_secs_f64() * 1000.0;
-    ctx.inputs.metrics.record(&labels, millis);
     tracing::info!(
         target: "access_log",
         src = %ctx.src,
-        src.identity = %labels.source_principal,
+        src.identity = %ctx.client_id.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
         method = %parts.method,
         path = %parts.uri.path(),
         authority = %authority,
-        protocol = %labels.request_protocol,
+        protocol = if grpc { "grpc" } else { "http" },
         status = response.status().as_u16(),
         flags = outcome.flags,
         upstream = %outcome.endpoint.as_ref().map(|e| format!("{}:{}", e.ip, e.port)).unwrap_or_else(|| "-".into()),
-        dst.service = %labels.destination_service,
-        dst.workload = %labels.destination_workload,
+        dst.service = match &ctx.target { Target::Service { svc, .. } => svc.hostname.as_str(), Target::Pod { .. } => "-" },
+        dst.workload = outcome.endpoint.as_ref().map_or("-", |e| e.workload.name.as_str()),
         request_id = %request_id,
         duration_ms = millis as u64,
         "request"
     );
-    response
+    // The sample is taken when the response has been sent, so its size and
+    // the full duration are known; the upstream connection goes back to its
+    // pool at the same moment.
+    let (rparts, rbody) = response.into_parts();
+    let finish = Finish {
+        resp_bytes: header_bytes(&rparts.headers) + 17,
+        handles,
+        start,
+        req_bytes,
+        _held: outcome.held,
+    };
+    let body = RecordingBody {
+        inner: rbody,
+        finish: Some(Box::new(finish)),
+    };
+    Response::from_parts(rparts, body.boxed())
+}
+
+/// Everything needed to record a request once its response is complete.
+struct Finish {
+    handles: crate::metrics::RequestHandles,
+    start: Instant,
+    req_bytes: u64,
+    resp_bytes: u64,
+    _held: Option<Held>,
+}
+
+/// A response body that counts its bytes and records the request's
+/// metrics when it ends (or is dropped unfinished).
+struct RecordingBody {
+    inner: Body,
+    finish: Option<Box<Finish>>,
+}
+
+impl RecordingBody {
+    fn done(&mut self) {
+        if let Some(f) = self.finish.take() {
+            let millis = f.start.elapsed().as_secs_f64() * 1000.0;
+            f.handles.record(millis, f.req_bytes, f.resp_bytes);
+        }
+    }
+}
+
+impl hyper::body::Body for RecordingBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(d), Some(f)) = (frame.data_ref(), this.finish.as_mut()) {
+                    f.resp_bytes += d.len() as u64;
+                }
+                // Recorded before the last bytes leave, so whoever sees the
+                // end of the response also sees the sample.
+                if this.inner.is_end_stream() {
+                    this.done();
+                }
+            }
+            Poll::Ready(_) => this.done(),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for RecordingBody {
+    fn drop(&mut self) {
+        self.done();
+    }
 }
 
 /// `x-forwarded-for`, `x-request-id`, `traceparent`, hop-by-hop removal.
@@ -311,18 +497,19 @@ fn prepare_headers(ctx: &ConnCtx, h: &mut HeaderMap) {
 
 /// A random UUID (version 4) in its text form.
 fn new_request_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    let mut out = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(HEX[usize::from(x >> 4)] as char);
+        out.push(HEX[usize::from(x & 0x0f)] as char);
+    }
+    out
 }
 
 async fn route_request(
@@ -353,11 +540,10 @@ async fn route_request(
         Some(r) if !r.http.is_empty() => match r.select(&view) {
             Some(x) => x,
             None => {
-                return Outcome {
-                    response: local_response(StatusCode::NOT_FOUND, "route not found"),
-                    flags: "NR",
-                    endpoint: None,
-                }
+                return Outcome::local(
+                    local_response(StatusCode::NOT_FOUND, "route not found"),
+                    "NR",
+                )
             }
         },
         _ => {
@@ -377,11 +563,7 @@ async fn route_request(
                     .ok()
                     .and_then(|s| StatusCode::from_u16(s).ok())
                     .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                return Outcome {
-                    response: local_response(status, "fault filter abort"),
-                    flags: "FI",
-                    endpoint: None,
-                };
+                return Outcome::local(local_response(status, "fault filter abort"), "FI");
             }
         }
         if let Some(delay) = &fault.delay {
@@ -400,11 +582,7 @@ async fn route_request(
             if let Some(ops) = &route.response_headers {
                 apply_header_ops(ops, r.headers_mut());
             }
-            return Outcome {
-                response: r,
-                flags: "-",
-                endpoint: None,
-            };
+            return Outcome::local(r, "-");
         }
         Action::Redirect(rd) => {
             let pq = parts
@@ -421,11 +599,7 @@ async fn route_request(
             if let Ok(v) = HeaderValue::from_str(&location) {
                 r.headers_mut().insert(http::header::LOCATION, v);
             }
-            return Outcome {
-                response: r,
-                flags: "-",
-                endpoint: None,
-            };
+            return Outcome::local(r, "-");
         }
         Action::Route(d) => d,
     };
@@ -459,6 +633,8 @@ async fn route_request(
 
     let chosen = pick_weighted(dests, rand::random::<f64>());
     let dest = ctx.resolve(chosen, &namespace);
+    let per_try_ms = route.retries.as_ref().map_or(0, |r| r.per_try_timeout_ms);
+    let timeouts = Timeouts::from_request(&mut parts.headers, route.timeout, per_try_ms);
 
     if let ReqBody::Buffered(bytes) = &body {
         for m in &route.mirrors {
@@ -468,7 +644,7 @@ async fn route_request(
         }
     }
 
-    let mut outcome = forward(ctx, route, &dest, parts, &authority, body).await;
+    let mut outcome = forward(ctx, route, &dest, parts, &authority, body, timeouts).await;
     if let Some(ops) = &route.response_headers {
         apply_header_ops(ops, outcome.response.headers_mut());
     }
@@ -495,17 +671,22 @@ fn mirror(
         tracing::debug!(host = %m.host, "mirror: no healthy upstream");
         return;
     };
+    let Some(cluster) = dest.cluster().cloned() else {
+        return;
+    };
     let shadow = shadow_authority(authority);
-    let Ok(req) = build_upstream(parts, &shadow, full(body)) else {
+    let Ok(req) = build_upstream(parts, &shadow, full(body), None) else {
         return;
     };
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let tunnel = tunnel_headers(&ctx);
-        match ctx.inputs.connector.send(&ep, tunnel, req).await {
-            Ok(resp) => {
-                // Drain the body so the upstream sees a complete exchange.
+        let tunnel = tunnel_info(&ctx);
+        match ctx.inputs.connector.send(&cluster, &ep, tunnel, req).await {
+            Ok((resp, lease)) => {
+                // Drain the body so the upstream sees a complete exchange
+                // and the connection can be reused.
                 let _ = resp.into_body().collect().await;
+                drop(lease);
             }
             Err(e) => tracing::debug!(error = %e, "mirror request failed"),
         }
@@ -522,16 +703,14 @@ pub fn shadow_authority(authority: &str) -> String {
     }
 }
 
-fn tunnel_headers(ctx: &ConnCtx) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let host = match &ctx.target {
-        Target::Service { svc, .. } => Some(svc.hostname.as_str()),
-        Target::Pod { .. } => None,
-    };
-    if let Ok(v) = headers::forwarded(ctx.src, host) {
-        h.insert(http::header::FORWARDED, v);
+fn tunnel_info(ctx: &ConnCtx) -> TunnelInfo<'_> {
+    TunnelInfo {
+        src: ctx.src,
+        host: match &ctx.target {
+            Target::Service { svc, .. } => Some(svc.hostname.as_str()),
+            Target::Pod { .. } => None,
+        },
     }
-    h
 }
 
 /// The upstream form of the request: origin-form URI and `host` for
@@ -540,6 +719,7 @@ fn build_upstream(
     parts: &http::request::Parts,
     authority: &str,
     body: Body,
+    expected_timeout_ms: Option<u64>,
 ) -> Result<Request<Body>, http::Error> {
     let pq = parts
         .uri
@@ -547,6 +727,9 @@ fn build_upstream(
         .map_or("/", |p| p.as_str())
         .to_string();
     let mut headers = parts.headers.clone();
+    if let Some(ms) = expected_timeout_ms {
+        headers.insert(X_EXPECTED_TIMEOUT, HeaderValue::from(ms));
+    }
     let uri = if parts.version == Version::HTTP_2 {
         headers.remove(HOST);
         Uri::builder()
@@ -598,41 +781,52 @@ impl ReqBody {
 
 /// How one try ended, for the retry decision.
 enum Try {
-    Response(Response<Incoming>),
+    Response(Box<(Response<Incoming>, Held)>),
     ConnectFailure(UpstreamError),
     Reset(UpstreamError),
     Timeout,
+    /// A circuit breaker refused it; never retried, as in Envoy.
+    Overflow,
 }
 
-fn try_result(t: &Try) -> crate::policy::TryResult {
+/// What outlier detection learns from a try (nothing from an overflow,
+/// which never reached the endpoint).
+fn try_result(t: &Try) -> Option<crate::policy::TryResult> {
     use crate::policy::TryResult;
-    match t {
-        Try::Response(r) if matches!(r.status().as_u16(), 502..=504) => TryResult::GatewayError,
-        Try::Response(r) if r.status().is_server_error() => TryResult::ServerError,
+    Some(match t {
+        Try::Response(x) if matches!(x.0.status().as_u16(), 502..=504) => TryResult::GatewayError,
+        Try::Response(x) if x.0.status().is_server_error() => TryResult::ServerError,
         Try::Response(_) => TryResult::Success,
         Try::ConnectFailure(_) | Try::Reset(_) | Try::Timeout => TryResult::GatewayError,
-    }
+        Try::Overflow => return None,
+    })
 }
 
 fn retriable(on: &[String], t: &Try) -> bool {
+    if matches!(t, Try::Overflow) {
+        return false;
+    }
     on.iter().any(|c| match (c.as_str(), t) {
-        ("5xx", Try::Response(r)) => r.status().is_server_error(),
+        ("5xx", Try::Response(x)) => x.0.status().is_server_error(),
         ("5xx", _) => true,
-        ("gateway-error", Try::Response(r)) => matches!(r.status().as_u16(), 502..=504),
+        ("gateway-error", Try::Response(x)) => matches!(x.0.status().as_u16(), 502..=504),
         ("gateway-error", Try::Timeout) => true,
         ("connect-failure", Try::ConnectFailure(_)) => true,
         ("reset", Try::Reset(_) | Try::ConnectFailure(_) | Try::Timeout) => true,
         ("refused-stream", Try::ConnectFailure(_)) => true,
-        ("retriable-4xx", Try::Response(r)) => r.status() == StatusCode::CONFLICT,
-        (code, Try::Response(r)) => code.parse::<u16>().is_ok_and(|c| c == r.status().as_u16()),
+        ("retriable-4xx", Try::Response(x)) => x.0.status() == StatusCode::CONFLICT,
+        (code, Try::Response(x)) => code
+            .parse::<u16>()
+            .is_ok_and(|c| c == x.0.status().as_u16()),
         _ => false,
     })
 }
 
 /// Istio's default when a route sets no retry policy: two retries on
 /// connection failures and 503.
-fn default_retries() -> pb::RetryPolicy {
-    pb::RetryPolicy {
+fn default_retries() -> &'static pb::RetryPolicy {
+    static DEFAULT: std::sync::OnceLock<pb::RetryPolicy> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(|| pb::RetryPolicy {
         attempts: 2,
         per_try_timeout_ms: 0,
         retry_on: vec![
@@ -640,7 +834,30 @@ fn default_retries() -> pb::RetryPolicy {
             "refused-stream".into(),
             "503".into(),
         ],
-    }
+    })
+}
+
+/// One try: a request slot of the cluster, a pooled connection, the
+/// exchange up to the response headers.
+async fn send_once(
+    ctx: &Arc<ConnCtx>,
+    cluster: &Arc<Cluster>,
+    ep: &Endpoint,
+    req: Request<Body>,
+) -> Result<(Response<Incoming>, Held), UpstreamError> {
+    let slot = cluster.try_request()?;
+    let (resp, lease) = ctx
+        .inputs
+        .connector
+        .send(cluster, ep, tunnel_info(ctx), req)
+        .await?;
+    Ok((
+        resp,
+        Held {
+            _lease: lease,
+            _slot: slot,
+        },
+    ))
 }
 
 async fn forward(
@@ -650,120 +867,117 @@ async fn forward(
     parts: &http::request::Parts,
     authority: &str,
     body: ReqBody,
+    timeouts: Timeouts,
 ) -> Outcome {
-    let mut policy = route.retries.clone().unwrap_or_else(default_retries);
-    if matches!(body, ReqBody::Streaming(_)) {
-        policy.attempts = 0;
-    }
-    let (pool, outlier) = match dest {
-        Dest::Service {
-            pool, outlier, key, ..
-        } => (pool.as_ref().map(|p| (p, key)), outlier.as_ref()),
-        _ => (None, None),
+    let policy = route.retries.as_ref().unwrap_or_else(|| default_retries());
+    let attempts = if matches!(body, ReqBody::Streaming(_)) {
+        0
+    } else {
+        policy.attempts
     };
-    let _slot = match pool.and_then(|(p, key)| {
-        max_in_flight(p, parts.version == Version::HTTP_2).map(|max| (key, max))
-    }) {
-        Some((key, max)) => match ctx.inputs.limits.try_acquire(key, max) {
-            Some(slot) => Some(slot),
-            None => {
-                return Outcome {
-                    response: local_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-                    ),
-                    flags: "UO",
-                    endpoint: None,
-                }
-            }
-        },
-        None => None,
+    let outlier = match dest {
+        Dest::Service { outlier, .. } => outlier.as_ref(),
+        _ => None,
     };
-    let per_try =
-        (policy.per_try_timeout_ms > 0).then(|| Duration::from_millis(policy.per_try_timeout_ms));
+    let expected = timeouts.expected_ms();
     let tries = async {
-        let mut last: Option<(Try, Option<Endpoint>)> = None;
-        for attempt in 0..=policy.attempts {
+        let mut last: Option<Outcome> = None;
+        // Held while a retry is outstanding (Envoy's `maxRetries`).
+        let mut _retry: Option<crate::cluster::RetrySlot> = None;
+        for attempt in 0..=attempts {
             if attempt > 0 {
                 tokio::time::sleep(RETRY_BACKOFF).await;
             }
-            let Some(ep) = ctx.endpoint(dest, &parts.headers) else {
+            let (Some(ep), Some(cluster)) = (ctx.endpoint(dest, &parts.headers), dest.cluster())
+            else {
                 // Nothing (left) to send to: report the last failure, or
                 // that there never was an endpoint.
-                return match last {
-                    Some((t, ep)) => into_outcome(t, ep, true),
-                    None => no_healthy_upstream(),
-                };
+                return last.unwrap_or_else(no_healthy_upstream);
             };
-            let req = match build_upstream(parts, authority, body.take()) {
+            let req = match build_upstream(parts, authority, body.take(), expected) {
                 Ok(r) => r,
                 Err(e) => {
-                    return Outcome {
-                        response: local_response(
-                            StatusCode::BAD_REQUEST,
-                            &format!("bad request: {e}"),
-                        ),
-                        flags: "-",
-                        endpoint: None,
-                    }
+                    return Outcome::local(
+                        local_response(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+                        "-",
+                    )
                 }
             };
             let _active = ctx.inputs.track(&ep);
-            let send = ctx.inputs.connector.send(&ep, tunnel_headers(ctx), req);
-            let t = match per_try {
+            let send = send_once(ctx, cluster, &ep, req);
+            let t = match timeouts.per_try {
                 Some(d) => match tokio::time::timeout(d, send).await {
                     Ok(r) => classify(r),
                     Err(_) => Try::Timeout,
                 },
                 None => classify(send.await),
             };
-            if let Some(o) = outlier {
-                ctx.inputs.outliers.record(&ep, o, try_result(&t));
+            if let (Some(o), Some(result)) = (outlier, try_result(&t)) {
+                if ctx.inputs.outliers.record(&ep, o, result) {
+                    cluster.stats.ejections_enforced_total.inc();
+                }
             }
-            let retry = attempt < policy.attempts && retriable(&policy.retry_on, &t);
+            let mut retry = attempt < attempts && retriable(&policy.retry_on, &t);
+            if retry {
+                _retry = None;
+                match cluster.try_retry() {
+                    Some(slot) => _retry = Some(slot),
+                    None => retry = false,
+                }
+            }
             if !retry {
                 return into_outcome(t, Some(ep), attempt > 0);
             }
             tracing::debug!(attempt, upstream = %ep.ip, "retrying request");
-            last = Some((t, Some(ep)));
+            // The failed response is let go now, so its connection is free
+            // for the retry; only its head is kept in case nothing is left
+            // to retry on.
+            let mut o = into_outcome(t, Some(ep), true);
+            o.held = None;
+            let (p, _) = o.response.into_parts();
+            o.response = Response::from_parts(p, full(Bytes::new()));
+            last = Some(o);
         }
-        match last {
-            Some((t, ep)) => into_outcome(t, ep, true),
-            None => no_healthy_upstream(),
-        }
+        last.unwrap_or_else(no_healthy_upstream)
     };
-    match route.timeout {
+    match timeouts.global {
         Some(d) => match tokio::time::timeout(d, tries).await {
             Ok(o) => o,
-            Err(_) => Outcome {
-                response: local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
-                flags: "UT",
-                endpoint: None,
-            },
+            Err(_) => Outcome::local(
+                local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                "UT",
+            ),
         },
         None => tries.await,
     }
 }
 
 fn no_healthy_upstream() -> Outcome {
-    Outcome {
-        response: local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
-        flags: "UH",
-        endpoint: None,
-    }
+    Outcome::local(
+        local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
+        "UH",
+    )
 }
 
-fn classify(r: Result<Response<Incoming>, UpstreamError>) -> Try {
+fn classify(r: Result<(Response<Incoming>, Held), UpstreamError>) -> Try {
     match r {
-        Ok(resp) => Try::Response(resp),
+        Ok(x) => Try::Response(Box::new(x)),
+        Err(UpstreamError::Overflow(_)) => Try::Overflow,
         Err(e) if e.is_connect_failure() => Try::ConnectFailure(e),
         Err(e) => Try::Reset(e),
     }
 }
 
 fn into_outcome(t: Try, endpoint: Option<Endpoint>, retried: bool) -> Outcome {
+    let failed = |status, body: &str, flags| Outcome {
+        response: local_response(status, body),
+        flags,
+        endpoint: endpoint.clone(),
+        held: None,
+    };
     match t {
-        Try::Response(r) => {
+        Try::Response(x) => {
+            let (r, held) = *x;
             let (parts, body) = r.into_parts();
             let body = body
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
@@ -772,35 +986,37 @@ fn into_outcome(t: Try, endpoint: Option<Endpoint>, retried: bool) -> Outcome {
                 response: Response::from_parts(parts, body),
                 flags: if retried { "URX" } else { "-" },
                 endpoint,
+                held: Some(held),
             }
         }
         Try::ConnectFailure(e) => {
             tracing::info!(error = %e, "upstream connect failed");
-            Outcome {
-                response: local_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                ),
-                flags: "UF",
-                endpoint,
-            }
+            failed(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                "UF",
+            )
         }
         Try::Reset(e) => {
             tracing::info!(error = %e, "upstream reset");
-            Outcome {
-                response: local_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                ),
-                flags: "UC",
-                endpoint,
-            }
+            failed(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                "UC",
+            )
         }
-        Try::Timeout => Outcome {
-            response: local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
-            flags: "UT",
-            endpoint,
-        },
+        Try::Timeout => failed(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream request timeout",
+            "UT",
+        ),
+        Try::Overflow => Outcome::local(
+            local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            ),
+            "UO",
+        ),
     }
 }
 

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod local;
@@ -159,6 +160,7 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
         certs: certs.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
+        clusters: inputs.clusters.clone(),
     };
     let mut admin_addr = cfg.admin_addr;
     for (what, addr, which) in [

@@ -1,11 +1,11 @@
-//! DestinationRule traffic policy that needs memory across requests:
-//! circuit breaking (in-flight limits per destination) and outlier
-//! detection (endpoints ejected after consecutive errors). Consulted by
-//! [`crate::http`] between choosing a destination and sending to it.
+//! DestinationRule outlier detection, which needs memory across requests:
+//! endpoints ejected after consecutive errors. Consulted by [`crate::http`]
+//! between choosing a destination and sending to it. (Circuit breaking
+//! lives with the connection pools in [`crate::cluster`].)
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mesh_core::proto::waypoint as pb;
@@ -15,46 +15,6 @@ use crate::state::Endpoint;
 /// Envoy's defaults where the control plane sends 0.
 const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
-
-/// In-flight requests per destination key.
-#[derive(Default)]
-pub struct Limits {
-    counts: Arc<Mutex<HashMap<String, usize>>>,
-}
-
-/// Holds one slot of a destination's in-flight budget.
-pub struct Slot {
-    counts: Arc<Mutex<HashMap<String, usize>>>,
-    key: String,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.key);
-            }
-        }
-    }
-}
-
-impl Limits {
-    /// A slot for `key` if fewer than `max` are in flight.
-    pub fn try_acquire(&self, key: &str, max: usize) -> Option<Slot> {
-        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(key.to_string()).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(Slot {
-            counts: self.counts.clone(),
-            key: key.to_string(),
-        })
-    }
-}
 
 /// How one try against an endpoint ended, as outlier detection sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +48,16 @@ impl Outliers {
     /// Drops ejected endpoints, but never more than the policy's
     /// `max_ejection_percent` of the set (so a bad deploy cannot empty it).
     pub fn filter(&self, eps: Vec<Endpoint>, cfg: &pb::OutlierDetection) -> Vec<Endpoint> {
+        self.filter_counted(eps, cfg).0
+    }
+
+    /// As [`Outliers::filter`], also returning how many of `eps` are ejected
+    /// right now (Envoy's `ejections_active`).
+    pub fn filter_counted(
+        &self,
+        eps: Vec<Endpoint>,
+        cfg: &pb::OutlierDetection,
+    ) -> (Vec<Endpoint>, usize) {
         let now = Instant::now();
         let hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         let pct = if cfg.max_ejection_percent == 0 {
@@ -96,12 +66,20 @@ impl Outliers {
             cfg.max_ejection_percent.min(100)
         };
         let mut allowed = eps.len() * pct as usize / 100;
-        eps.into_iter()
+        let mut active = 0;
+        if hosts.is_empty() {
+            return (eps, 0);
+        }
+        let kept = eps
+            .into_iter()
             .filter(|ep| {
                 let ejected = hosts
                     .get(&addr(ep))
                     .and_then(|h| h.ejected_until)
                     .is_some_and(|t| t > now);
+                if ejected {
+                    active += 1;
+                }
                 if ejected && allowed > 0 {
                     allowed -= 1;
                     false
@@ -109,20 +87,22 @@ impl Outliers {
                     true
                 }
             })
-            .collect()
+            .collect();
+        (kept, active)
     }
 
     /// Records a try; ejects the endpoint when a streak reaches its
     /// threshold (0 = that check is off). Ejection lasts the base time
-    /// multiplied by how often the endpoint has been ejected.
-    pub fn record(&self, ep: &Endpoint, cfg: &pb::OutlierDetection, result: TryResult) {
+    /// multiplied by how often the endpoint has been ejected. Returns
+    /// whether this try ejected it.
+    pub fn record(&self, ep: &Endpoint, cfg: &pb::OutlierDetection, result: TryResult) -> bool {
         let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         let h = hosts.entry(addr(ep)).or_default();
         match result {
             TryResult::Success => {
                 h.consecutive_5xx = 0;
                 h.consecutive_gateway = 0;
-                return;
+                return false;
             }
             TryResult::ServerError => {
                 h.consecutive_5xx += 1;
@@ -149,6 +129,7 @@ impl Outliers {
             h.consecutive_gateway = 0;
             tracing::info!(endpoint = %addr(ep), ejections = h.ejections, "outlier ejected");
         }
+        trip
     }
 }
 
@@ -156,6 +137,7 @@ impl Outliers {
 mod tests {
     use super::*;
     use crate::state::Workload;
+    use std::sync::Arc;
 
     fn ep(i: u8) -> Endpoint {
         Endpoint {
@@ -221,11 +203,6 @@ mod tests {
         o.record(&eps[1], &cfg, TryResult::GatewayError);
         assert_eq!(o.filter(eps.clone(), &cfg).len(), 1);
 
-        let l = Limits::default();
-        let a = l.try_acquire("k", 1).unwrap();
-        assert!(l.try_acquire("k", 1).is_none());
-        assert!(l.try_acquire("other", 1).is_some());
-        drop(a);
-        assert!(l.try_acquire("k", 1).is_some());
+        assert_eq!(o.filter_counted(eps.clone(), &cfg).1, 1);
     }
 }

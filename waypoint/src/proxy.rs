@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestHandles, RequestLabels};
 use crate::routing::pick_weighted;
 use crate::state::{Endpoint, Service, State, Workload};
 use crate::upstream::Connector;
@@ -60,8 +60,8 @@ pub struct Inputs {
     rr: Mutex<HashMap<String, usize>>,
     /// Requests in flight per endpoint address, for LEAST_REQUEST.
     active: Arc<Mutex<HashMap<SocketAddr, usize>>>,
-    /// Circuit breakers per destination.
-    pub limits: crate::policy::Limits,
+    /// Upstream clusters: circuit breakers, connection pools, counters.
+    pub clusters: Arc<crate::cluster::Clusters>,
     /// Outlier detection per endpoint.
     pub outliers: crate::policy::Outliers,
 }
@@ -90,11 +90,11 @@ impl Inputs {
             cfg,
             state,
             connector,
-            metrics,
             hbone_server: ServerConfig::default(),
             rr: Mutex::new(HashMap::new()),
             active: Arc::new(Mutex::new(HashMap::new())),
-            limits: Default::default(),
+            clusters: Arc::new(crate::cluster::Clusters::new(metrics.clone())),
+            metrics,
             outliers: Default::default(),
         }
     }
@@ -157,7 +157,11 @@ impl Inputs {
             return None;
         }
         let mut rr = self.rr.lock().unwrap_or_else(|p| p.into_inner());
-        let n = rr.entry(key.to_string()).or_insert(0);
+        // Only a key seen for the first time is copied.
+        let n = match rr.get_mut(key) {
+            Some(n) => n,
+            None => rr.entry(key.to_string()).or_insert(0),
+        };
         let ep = eps[*n % eps.len()].clone();
         *n = n.wrapping_add(1);
         Some(ep)
@@ -187,6 +191,94 @@ pub struct ConnCtx {
     pub src: SocketAddr,
     pub src_workload: Option<Arc<Workload>>,
     pub client_id: Option<Identity>,
+    /// The series of the last request's label set (see
+    /// [`ConnCtx::metric_handles`]).
+    last_series: Mutex<Option<(SeriesKey, RequestHandles)>>,
+}
+
+/// What, besides the connection, decides a request's metric labels.
+struct SeriesKey {
+    grpc: bool,
+    /// The destination workload, compared by identity of the shared state
+    /// entry (held, so its address cannot be reused by another).
+    dest: Option<Arc<Workload>>,
+    status: u16,
+    flags: &'static str,
+    grpc_status: Option<String>,
+}
+
+impl ConnCtx {
+    pub fn new(
+        inputs: Arc<Inputs>,
+        target: Target,
+        src: SocketAddr,
+        src_workload: Option<Arc<Workload>>,
+        client_id: Option<Identity>,
+    ) -> Self {
+        ConnCtx {
+            inputs,
+            target,
+            src,
+            src_workload,
+            client_id,
+            last_series: Mutex::new(None),
+        }
+    }
+
+    /// The Istio request series for a request that ended this way, built
+    /// (label strings, family lookups) only when it differs from the
+    /// previous request of this connection.
+    pub fn metric_handles(
+        &self,
+        grpc: bool,
+        dest: Option<&Endpoint>,
+        status: StatusCode,
+        flags: &'static str,
+        grpc_status: Option<&str>,
+    ) -> RequestHandles {
+        let key = SeriesKey {
+            grpc,
+            dest: dest.map(|e| e.workload.clone()),
+            status: status.as_u16(),
+            flags,
+            grpc_status: grpc_status.map(str::to_string),
+        };
+        let mut last = self.last_series.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, h)) = last.as_ref() {
+            let same_dest = match (&k.dest, &key.dest) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if same_dest
+                && k.grpc == key.grpc
+                && k.status == key.status
+                && k.flags == key.flags
+                && k.grpc_status == key.grpc_status
+            {
+                return h.clone();
+            }
+        }
+        let mut labels = RequestLabels::new().with_source(
+            self.src_workload.as_deref(),
+            self.client_id.as_ref().map(|i| i.to_string()),
+        );
+        labels.request_protocol = if grpc { "grpc" } else { "http" }.into();
+        if let Target::Service { svc, .. } = &self.target {
+            labels = labels.with_service(svc);
+        }
+        if let Some(ep) = dest {
+            labels = labels.with_destination(&ep.workload);
+        }
+        labels.response_code = key.status.to_string();
+        labels.response_flags = flags.into();
+        if let Some(s) = &key.grpc_status {
+            labels.grpc_response_status = s.clone();
+        }
+        let h = self.inputs.metrics.handles(&labels);
+        *last = Some((key, h.clone()));
+        h
+    }
 }
 
 /// Accepts HBONE connections until the drain starts.
@@ -288,13 +380,7 @@ async fn handle_connect(
             return;
         }
     };
-    let ctx = Arc::new(ConnCtx {
-        inputs,
-        target,
-        src,
-        src_workload,
-        client_id,
-    });
+    let ctx = Arc::new(ConnCtx::new(inputs, target, src, src_workload, client_id));
     let (prefix, is_http) = match declared.as_deref().map(classify_declared) {
         Some(Some(http)) => (Bytes::new(), http),
         _ => match sniff(&mut stream).await {
@@ -416,7 +502,10 @@ async fn passthrough(ctx: Arc<ConnCtx>, mut io: Rewind<H2Stream>) {
                 None => (svc.clone(), *port, None),
             };
             let eps = inputs.state.endpoints(&svc, dport, selector.as_ref());
-            inputs.pick(&format!("tcp|{}|{dport}", svc.hostname), &eps)
+            inputs.pick(
+                &crate::cluster::cluster_name(&svc.hostname, "tcp", dport),
+                &eps,
+            )
         }
     };
     let Some(ep) = ep else {

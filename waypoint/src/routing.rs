@@ -487,26 +487,6 @@ pub fn outlier_detection_for(
     )
 }
 
-/// How many requests may be in flight to one destination before more are
-/// refused (Envoy's overflow, `UO`). With one upstream connection per
-/// request, `maxConnections` plus the pending queue bounds HTTP/1.1, and
-/// `http2MaxRequests` bounds concurrent requests; `None` is unlimited.
-pub fn max_in_flight(pool: &pb::ConnectionPool, http2: bool) -> Option<usize> {
-    let h1 = match (pool.max_connections, pool.http1_max_pending_requests) {
-        (0, _) => None,
-        (c, p) => Some(c as usize + p as usize),
-    };
-    let h2 = (pool.http2_max_requests > 0).then_some(pool.http2_max_requests as usize);
-    if http2 {
-        match (h1, h2) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    } else {
-        h1
-    }
-}
-
 /// The consistent-hash input of a request, when the policy has one.
 pub fn hash_input(
     lb: Option<&pb::LoadBalancer>,
@@ -1205,26 +1185,6 @@ mod tests {
             hash_input(Some(&src), &h, "10.0.0.2".parse().unwrap())
         );
         assert!(hash_input(None, &h, ip).is_none());
-    }
-
-    #[test]
-    fn circuit_breaker_limits() {
-        let pool = |c, p, r| pb::ConnectionPool {
-            max_connections: c,
-            http1_max_pending_requests: p,
-            http2_max_requests: r,
-            ..Default::default()
-        };
-        for (cfg, h2, want) in [
-            (pool(0, 0, 0), false, None),
-            (pool(1, 1, 0), false, Some(2)),
-            (pool(1, 0, 0), true, Some(1)),
-            (pool(0, 5, 3), true, Some(3)),
-            (pool(10, 0, 3), true, Some(3)),
-            (pool(0, 5, 3), false, None),
-        ] {
-            assert_eq!(max_in_flight(&cfg, h2), want, "{cfg:?} h2={h2}");
-        }
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+/// The healthy workloads of one service, shared with readers.
+type Members = Arc<[Arc<Workload>]>;
+
 #[derive(Default)]
 struct Inner {
     workloads: HashMap<String, Arc<Workload>>,
@@ -102,6 +105,10 @@ struct Inner {
     by_vip: HashMap<IpAddr, String>,
     by_ip: HashMap<IpAddr, String>,
     by_hostname: HashMap<String, String>,
+    /// namespace -> hostname -> healthy workloads serving that service,
+    /// sorted by uid. Rebuilt on every change so the per-request lookup is
+    /// two map probes instead of a scan of every workload.
+    by_service: HashMap<String, HashMap<String, Members>>,
     loaded: bool,
 }
 
@@ -116,11 +123,40 @@ impl Inner {
             self.by_hostname.insert(s.hostname.clone(), key.clone());
         }
         self.by_ip.clear();
+        let mut by_service: HashMap<String, HashMap<String, Vec<Arc<Workload>>>> = HashMap::new();
         for (uid, w) in &self.workloads {
             for ip in &w.ips {
                 self.by_ip.insert(*ip, uid.clone());
             }
+            if !w.healthy || w.ips.is_empty() {
+                continue;
+            }
+            for key in w.services.keys() {
+                let Some((ns, host)) = key.split_once('/') else {
+                    continue;
+                };
+                by_service
+                    .entry(ns.to_string())
+                    .or_default()
+                    .entry(host.to_string())
+                    .or_default()
+                    .push(w.clone());
+            }
         }
+        self.by_service = by_service
+            .into_iter()
+            .map(|(ns, hosts)| {
+                let hosts = hosts
+                    .into_iter()
+                    .map(|(h, mut ws)| {
+                        // A stable order makes round robin fair across calls.
+                        ws.sort_by(|a, b| a.uid.cmp(&b.uid));
+                        (h, Arc::from(ws))
+                    })
+                    .collect();
+                (ns, hosts)
+            })
+            .collect();
     }
 }
 
@@ -248,15 +284,19 @@ impl State {
         port: u16,
         selector: Option<&BTreeMap<String, String>>,
     ) -> Vec<Endpoint> {
-        let key = svc.key();
-        let st = self.read();
-        let mut out: Vec<Endpoint> = st
-            .workloads
-            .values()
-            .filter(|w| w.healthy)
+        let Some(members) = self.members(svc) else {
+            return Vec::new();
+        };
+        members
+            .iter()
             .filter(|w| selector.is_none_or(|s| w.matches_labels(s)))
             .filter_map(|w| {
-                let ports = w.services.get(&key)?;
+                // The index only holds workloads of this service with an IP.
+                let ports = w
+                    .services
+                    .iter()
+                    .find(|(k, _)| is_service_key(k, svc))
+                    .map(|(_, p)| p)?;
                 let ip = *w.ips.first()?;
                 let target = ports
                     .get(&port)
@@ -270,9 +310,27 @@ impl State {
                     port: target,
                 })
             })
+            .collect()
+    }
+
+    /// The healthy workloads of `svc`, shared with the index.
+    fn members(&self, svc: &Service) -> Option<Members> {
+        self.read()
+            .by_service
+            .get(svc.namespace.as_str())?
+            .get(svc.hostname.as_str())
+            .cloned()
+    }
+
+    /// Every service with its routes (if any), for the admin `/stats`.
+    pub fn services_with_routes(&self) -> Vec<ServiceWithRoutes> {
+        let st = self.read();
+        let mut out: Vec<ServiceWithRoutes> = st
+            .services
+            .values()
+            .map(|s| (s.clone(), st.routes.get(&s.hostname).cloned()))
             .collect();
-        // A stable order makes round robin fair across calls.
-        out.sort_by(|a, b| a.workload.uid.cmp(&b.workload.uid));
+        out.sort_by(|a, b| a.0.hostname.cmp(&b.0.hostname));
         out
     }
 
@@ -293,6 +351,14 @@ impl State {
             "routes": routes,
         })
     }
+}
+
+/// Whether `key` (`ns/hostname`) names `svc`, without building the key.
+fn is_service_key(key: &str, svc: &Service) -> bool {
+    key.len() == svc.namespace.len() + 1 + svc.hostname.len()
+        && key.starts_with(svc.namespace.as_str())
+        && key.as_bytes()[svc.namespace.len()] == b'/'
+        && key.ends_with(svc.hostname.as_str())
 }
 
 fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {

@@ -1,7 +1,9 @@
 //! The waypoint's outbound hop: a pooled HBONE `CONNECT` to the chosen
 //! endpoint pod's 15008 with the waypoint's own certificate, expecting the
-//! pod's SPIFFE identity, and one HTTP exchange (or a TCP byte stream)
-//! carried inside that tunnel.
+//! pod's SPIFFE identity, and an HTTP connection (or a TCP byte stream)
+//! carried inside that tunnel. HTTP connections are kept alive and reused
+//! through the cluster's pool ([`crate::cluster`]), so a request normally
+//! costs no new tunnel.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +17,12 @@ use mesh_core::hbone::{self, ConnectRequest, H2Stream, HboneError, Pool};
 use mesh_core::identity::Identity;
 use mesh_core::tls;
 
+use crate::cluster::{Checkout, Cluster, ConnKey, Lease, Overflow, Sender};
 use crate::state::Endpoint;
+
+/// Times a request is moved to another connection when a pooled one turns
+/// out to be closed before the request was written to it.
+const MAX_STALE_CONNECTIONS: usize = 3;
 
 /// Connections are shared per destination address and expected identity;
 /// the source identity is always the waypoint's own.
@@ -41,6 +48,8 @@ pub enum UpstreamError {
         #[source]
         source: hyper::Error,
     },
+    #[error("circuit breaker: {0}")]
+    Overflow(#[from] Overflow),
 }
 
 impl UpstreamError {
@@ -120,41 +129,114 @@ impl Connector {
             })
     }
 
-    /// Sends one request to `ep` over a fresh tunnel, speaking `version`
-    /// (HTTP/2 when the client spoke it, so gRPC keeps its trailers).
+    /// Sends one request to `ep` over a pooled connection of `cluster`
+    /// (dialling a tunnel when none is free and the circuit breakers allow
+    /// it), speaking `version` (HTTP/2 when the client spoke it, so gRPC
+    /// keeps its trailers). The lease must live until the response body
+    /// has been read; then the connection goes back to the pool.
     pub async fn send(
         &self,
+        cluster: &Arc<Cluster>,
         ep: &Endpoint,
-        tunnel_headers: HeaderMap,
-        req: Request<crate::http::Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+        tunnel: TunnelInfo<'_>,
+        mut req: Request<crate::http::Body>,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         let dst = SocketAddr::new(ep.ip, ep.port);
-        let stream = self.tunnel(ep, tunnel_headers).await?;
-        let io = TokioIo::new(stream);
         let http = |source| UpstreamError::Http { dst, source };
-        if req.version() == Version::HTTP_2 {
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        let key = ConnKey {
+            dst,
+            identity: ep.workload.identity(),
+            src: tunnel.src.ip(),
+            http2: req.version() == Version::HTTP_2,
+        };
+        // Idle connections found closed are simply dropped (each leaves the
+        // pool, so this ends); a request handed back unsent is moved on at
+        // most a few times.
+        let mut unsent = 0;
+        loop {
+            let permit = match cluster.checkout(&key).await? {
+                Checkout::Reuse(mut conn) => {
+                    let sent = match &mut conn.sender {
+                        Sender::H1(s) => {
+                            if s.ready().await.is_err() {
+                                continue;
+                            }
+                            s.try_send_request(req).await
+                        }
+                        Sender::H2(s) => s.try_send_request(req).await,
+                    };
+                    match sent {
+                        Ok(resp) => return Ok((resp, Lease::new(cluster.clone(), key, conn))),
+                        Err(mut e) => match e.take_message() {
+                            // Never written: the connection was going away.
+                            Some(r) => {
+                                tracing::debug!(error = %e.error(), "pooled upstream connection closed; using another");
+                                unsent += 1;
+                                if unsent >= MAX_STALE_CONNECTIONS {
+                                    return Err(UpstreamError::Connect {
+                                        dst,
+                                        source: HboneError::NoConnection,
+                                    });
+                                }
+                                req = r;
+                                continue;
+                            }
+                            None => return Err(http(e.into_error())),
+                        },
+                    }
+                }
+                Checkout::Dial(permit) => permit,
+            };
+            let mut headers = HeaderMap::new();
+            if let Ok(v) = hbone::headers::forwarded(tunnel.src, tunnel.host) {
+                headers.insert(http::header::FORWARDED, v);
+            }
+            let stream = self.tunnel(ep, headers).await?;
+            let io = TokioIo::new(stream);
+            let crate::cluster::DialPermit { token, pending } = permit;
+            let sender = if key.http2 {
+                let (sender, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                        .await
+                        .map_err(http)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                    }
+                    drop(token);
+                });
+                Sender::H2(sender)
+            } else {
+                let (sender, conn) = hyper::client::conn::http1::handshake(io)
                     .await
                     .map_err(http)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-            });
-            sender.send_request(req).await.map_err(http)
-        } else {
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(http)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
-                }
-            });
-            sender.send_request(req).await.map_err(http)
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+                    }
+                    drop(token);
+                });
+                Sender::H1(sender)
+            };
+            // Connected: the request is no longer pending.
+            drop(pending);
+            let mut conn = cluster.register(&key, sender);
+            let resp = match &mut conn.sender {
+                Sender::H1(s) => s.send_request(req).await,
+                Sender::H2(s) => s.send_request(req).await,
+            }
+            .map_err(http)?;
+            return Ok((resp, Lease::new(cluster.clone(), key, conn)));
         }
     }
+}
+
+/// What the tunnel of a new upstream connection carries: the original
+/// client and the service it addressed (the `Forwarded` header).
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelInfo<'a> {
+    pub src: SocketAddr,
+    pub host: Option<&'a str>,
 }
 
 /// A pool with the mesh's HBONE defaults.

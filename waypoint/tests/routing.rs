@@ -33,6 +33,18 @@ static NEXT_BLOCK: AtomicU8 = AtomicU8::new(1);
 /// `<pod> <authority> <path>` of every request any backend served.
 static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
+/// HBONE tunnels each backend pod accepted (one per upstream connection).
+static TUNNELS: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+
+fn tunnels_of(pod: &str) -> usize {
+    TUNNELS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| **p == pod)
+        .count()
+}
+
 const MIRROR_HOST: &str = "reviews-mirror.default.svc.cluster.local";
 const MIRROR_VIP: &str = "10.96.0.21";
 
@@ -43,6 +55,10 @@ struct Mesh {
     admin: SocketAddr,
     client_certs: CertificateManager,
     metrics: waypoint::metrics::Metrics,
+    /// Each backend's HBONE address and pod name.
+    backends: Vec<(SocketAddr, &'static str)>,
+    /// The environment the waypoint was configured from.
+    env: Vec<(String, String)>,
 }
 
 /// A backend pod: name, version label, and the address it listens on.
@@ -66,7 +82,10 @@ async fn app(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
-    if pod.contains("bad") && path == "/flaky" {
+    if pod.contains("bad") && path.starts_with("/flaky") {
+        if path == "/flaky/slow" {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         let mut r = Response::new(Full::new(Bytes::from_static(b"flaky")));
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         return Ok(r);
@@ -99,6 +118,9 @@ async fn app(
         "request_id": h("x-request-id"),
         "traceparent": h("traceparent"),
         "x_added": h("x-added"),
+        "expected_timeout": h("x-envoy-expected-rq-timeout-ms"),
+        "rq_timeout": h("x-envoy-upstream-rq-timeout-ms"),
+        "per_try_timeout": h("x-envoy-upstream-rq-per-try-timeout-ms"),
     });
     Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
 }
@@ -133,6 +155,7 @@ async fn start_backend(
                     let Ok(tunnel) = responder.accept() else {
                         return;
                     };
+                    TUNNELS.lock().unwrap().push(pod);
                     let svc = hyper::service::service_fn(move |r| app(pod, r));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tunnel), svc)
@@ -199,9 +222,11 @@ async fn mesh_with_mirror(
         .iter()
         .map(|b| (b, HOST))
         .chain(mirrors.iter().map(|b| (b, MIRROR_HOST)));
+    let mut started = Vec::new();
     for (i, (b, host)) in all.enumerate() {
         let ip: IpAddr = format!("127.77.{block}.{}", i + 1).parse()?;
         start_backend(ca.clone(), SocketAddr::new(ip, port), b).await?;
+        started.push((SocketAddr::new(ip, port), b.name));
         addresses.push(workload(b.name, b.version, ip, host));
     }
     let routes = if routes.is_null() {
@@ -217,7 +242,7 @@ async fn mesh_with_mirror(
     let ca_dir = dir.path().join("ca").display().to_string();
     let file_s = file.display().to_string();
     let port_s = port.to_string();
-    let cfg = waypoint::config::Config::from_env(&[
+    let env = [
         ("LOCAL_XDS_PATH", file_s.as_str()),
         ("LOCAL_CA_DIR", ca_dir.as_str()),
         ("HBONE_ADDR", "127.0.0.1:0"),
@@ -227,7 +252,12 @@ async fn mesh_with_mirror(
         ("UPSTREAM_HBONE_PORT", port_s.as_str()),
         ("POD_NAMESPACE", "default"),
         ("SERVICE_ACCOUNT", "waypoint"),
-    ])?;
+    ];
+    let cfg = waypoint::config::Config::from_env(&env)?;
+    let env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let (trigger, watch) = mesh_core::drain::new();
     let app = waypoint::start(cfg, watch).await?;
     tokio::time::timeout(Duration::from_secs(10), app.ready.wait_ready())
@@ -244,6 +274,8 @@ async fn mesh_with_mirror(
         admin: app.admin_addr,
         client_certs,
         metrics: app.metrics,
+        backends: started,
+        env,
     })
 }
 
@@ -284,10 +316,44 @@ impl Mesh {
 
     /// An HBONE tunnel to the waypoint for the reviews VIP.
     async fn tunnel(&self) -> anyhow::Result<hbone::H2Stream> {
+        let waypoint = Identity::new("cluster.local", "default", "waypoint");
+        self.tunnel_to(self.waypoint, waypoint).await
+    }
+
+    /// An HTTP/1.1 client to another waypoint (a separate process).
+    async fn client_via(&self, wp: SocketAddr) -> anyhow::Result<Client> {
+        let waypoint = Identity::new("cluster.local", "default", "waypoint");
+        let io = TokioIo::new(self.tunnel_to(wp, waypoint).await?);
+        let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        Ok(Client::H1(s))
+    }
+
+    /// An HTTP/1.1 client straight to a backend pod, bypassing the waypoint.
+    async fn direct_client(&self, i: usize) -> anyhow::Result<Client> {
+        let (addr, pod) = self.backends[i];
+        let id = Identity::new("cluster.local", "default", format!("sa-{pod}"));
+        let io = TokioIo::new(self.tunnel_to(addr, id).await?);
+        let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        Ok(Client::H1(s))
+    }
+
+    async fn tunnel_to(&self, wp: SocketAddr, peer: Identity) -> anyhow::Result<hbone::H2Stream> {
+        self.tunnel_from(wp, peer, "10.244.1.5:40000".parse()?)
+            .await
+    }
+
+    /// A tunnel whose `Forwarded` header names `client` as the source.
+    async fn tunnel_from(
+        &self,
+        wp: SocketAddr,
+        peer: Identity,
+        client: SocketAddr,
+    ) -> anyhow::Result<hbone::H2Stream> {
         let id = Identity::new("cluster.local", "default", "productpage");
         let cert = self.client_certs.get(&id).await?;
-        let expected = vec![Identity::new("cluster.local", "default", "waypoint")];
-        let wp = self.waypoint;
+        let expected = vec![peer];
         let dial = move || async move {
             let tcp = tokio::net::TcpStream::connect(wp).await?;
             let cfg =
@@ -302,7 +368,7 @@ impl Mesh {
         let mut headers = http::HeaderMap::new();
         headers.insert(
             http::header::FORWARDED,
-            hbone::headers::forwarded("10.244.1.5:40000".parse()?, Some(HOST))?,
+            hbone::headers::forwarded(client, Some(HOST))?,
         );
         Ok(pool
             .connect(&0, dial, ConnectRequest::new(vip).with_headers(headers))
@@ -811,5 +877,472 @@ async fn outlier_detection_ejects_failing_endpoint() -> anyhow::Result<()> {
         failures, 1,
         "the bad endpoint is ejected after its first 5xx"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn envoy_timeout_headers_override_the_route() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "httpRoutes": [{"name": "t", "timeoutMs": "200",
+                        "retries": {"attempts": 0, "perTryTimeoutMs": "150"}}],
+    });
+    let mesh = mesh(&reviews_backends(), routes).await?;
+    let mut c = mesh.client(false).await?;
+    // The route's 200 ms would cut this off; the header gives it 3 s, and
+    // the per-try timeout of the route (150 ms) is not below it, so the
+    // header's per-try value (2500 ms) applies.
+    let r = c
+        .get(
+            "/delay/400",
+            &[
+                ("x-envoy-upstream-rq-timeout-ms", "3000"),
+                ("x-envoy-upstream-rq-per-try-timeout-ms", "2500"),
+            ],
+        )
+        .await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["rq_timeout"], "", "stripped from the upstream request");
+    assert_eq!(j["per_try_timeout"], "");
+    assert_eq!(j["expected_timeout"], "2500");
+    // 0 turns the timeout off (the route's per-try timeout still holds).
+    let r = c
+        .get("/delay/100", &[("x-envoy-upstream-rq-timeout-ms", "0")])
+        .await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["expected_timeout"], "150");
+    // Not a number: ignored, the route's timeout applies.
+    let r = c
+        .get("/delay/400", &[("x-envoy-upstream-rq-timeout-ms", "1s")])
+        .await?;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    // A shorter timeout than the route's.
+    let t = Instant::now();
+    let r = c
+        .get("/delay/1000", &[("x-envoy-upstream-rq-timeout-ms", "50")])
+        .await?;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        t.elapsed() < Duration::from_millis(140),
+        "{:?}",
+        t.elapsed()
+    );
+    // Without headers the upstream learns the route's per-try timeout.
+    let r = c.get("/", &[]).await?;
+    assert_eq!(r.json()["expected_timeout"], "150");
+    Ok(())
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_up_to_max_requests_per_connection() -> anyhow::Result<()> {
+    let one = |name: &'static str| {
+        vec![Backend {
+            name,
+            version: "v1",
+        }]
+    };
+    let plain = mesh(&one("reviews-keepalive"), Value::Null).await?;
+    for h2 in [false, true] {
+        let mut c = plain.client(h2).await?;
+        for _ in 0..10 {
+            assert_eq!(c.get("/", &[]).await?.status, StatusCode::OK);
+        }
+    }
+    assert_eq!(
+        tunnels_of("reviews-keepalive"),
+        2,
+        "one kept-alive upstream connection per protocol"
+    );
+
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "trafficPolicy": {"connectionPool": {"maxRequestsPerConnection": 3}},
+    });
+    let limited = mesh(&one("reviews-per-conn"), routes).await?;
+    let mut c = limited.client(false).await?;
+    for _ in 0..9 {
+        assert_eq!(c.get("/", &[]).await?.status, StatusCode::OK);
+    }
+    assert_eq!(
+        tunnels_of("reviews-per-conn"),
+        3,
+        "a new connection every 3 requests"
+    );
+    Ok(())
+}
+
+/// Istio's circuit-breaking task: maxConnections 1, http1MaxPendingRequests
+/// 1, maxRequestsPerConnection 1, and a load generator with 2 then 3
+/// concurrent connections of 20 requests each.
+#[tokio::test]
+async fn istio_circuit_breaking_task() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "trafficPolicy": {"connectionPool": {
+            "maxConnections": 1, "http1MaxPendingRequests": 1, "maxRequestsPerConnection": 1}},
+    });
+    let mesh = mesh(
+        &[Backend {
+            name: "reviews-cbtask",
+            version: "v1",
+        }],
+        routes,
+    )
+    .await?;
+    let mut results = Vec::new();
+    for conns in [2, 3] {
+        let mut calls = Vec::new();
+        for _ in 0..conns {
+            let mut c = mesh.client(false).await?;
+            calls.push(tokio::spawn(async move {
+                let mut codes = Vec::new();
+                for _ in 0..20 {
+                    let r = c.get("/delay/2", &[]).await?;
+                    if r.status == StatusCode::SERVICE_UNAVAILABLE {
+                        anyhow::ensure!(r.body.ends_with("reset reason: overflow"), "{}", r.body);
+                    }
+                    codes.push(r.status.as_u16());
+                }
+                anyhow::Ok(codes)
+            }));
+        }
+        let (mut ok, mut overflow) = (0, 0);
+        for call in calls {
+            for code in call.await?? {
+                match code {
+                    200 => ok += 1,
+                    503 => overflow += 1,
+                    other => anyhow::bail!("unexpected status {other}"),
+                }
+            }
+        }
+        println!("{conns} connections: {ok} x 200, {overflow} x 503");
+        results.push((ok, overflow));
+    }
+    let (ok2, of2) = results[0];
+    let (ok3, of3) = results[1];
+    assert!(
+        ok2 > of2,
+        "most requests pass with 2 connections: {results:?}"
+    );
+    assert!(of3 > 0 && ok3 > 0, "{results:?}");
+    let stats = admin_get(mesh.admin, "/stats").await?;
+    let line = format!(
+        "cluster.outbound|{PORT}||{HOST}.upstream_rq_pending_overflow: {}",
+        of2 + of3
+    );
+    assert!(
+        stats.lines().any(|l| l == line),
+        "each overflow is counted once: want {line}\n{stats}"
+    );
+    let filtered = admin_get(mesh.admin, "/stats?filter=reviews.default.*pending_total").await?;
+    assert_eq!(filtered.lines().count(), 1, "{filtered}");
+    let text = mesh.metrics.encode();
+    let want = format!(
+        "envoy_cluster_upstream_rq_pending_overflow{{cluster_name=\"outbound|{PORT}||{HOST}\"}} {}",
+        of2 + of3
+    );
+    assert!(text.contains(&want), "{want}\n{text}");
+    let uo: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("response_flags=\"UO\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(uo, (of2 + of3) as u64);
+    assert!(text.contains("istio_response_bytes_bucket{"));
+    assert!(text.contains("istio_request_bytes_sum{"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_retries_beyond_max_retries_overflow() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "httpRoutes": [{"name": "r", "retries": {"attempts": 1, "retryOn": ["5xx"]}}],
+        "trafficPolicy": {"connectionPool": {"maxRetries": 1}},
+    });
+    let mesh = mesh(
+        &[Backend {
+            name: "reviews-bad-retry",
+            version: "v1",
+        }],
+        routes,
+    )
+    .await?;
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        let mut c = mesh.client(false).await?;
+        calls.push(tokio::spawn(async move { c.get("/flaky/slow", &[]).await }));
+    }
+    for call in calls {
+        assert_eq!(call.await??.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let text = mesh.metrics.encode();
+    let want = format!(
+        "envoy_cluster_upstream_rq_retry_overflow{{cluster_name=\"outbound|{PORT}||{HOST}\"}} 2"
+    );
+    assert!(text.contains(&want), "{want}\n{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn outlier_ejections_are_counted() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "httpRoutes": [{"name": "no-retry", "retries": {"attempts": 0}}],
+        "trafficPolicy": {"outlierDetection": {
+            "consecutive5xxErrors": 1, "maxEjectionPercent": 100, "baseEjectionTimeMs": "60000"}},
+    });
+    let backends = vec![
+        Backend {
+            name: "reviews-oc-bad",
+            version: "v1",
+        },
+        Backend {
+            name: "reviews-oc-good",
+            version: "v1",
+        },
+    ];
+    let mesh = mesh(&backends, routes).await?;
+    let mut c = mesh.client(false).await?;
+    for _ in 0..4 {
+        c.get("/flaky", &[]).await?;
+    }
+    let stats = admin_get(mesh.admin, "/stats").await?;
+    for want in [
+        format!("cluster.outbound|{PORT}||{HOST}.outlier_detection.ejections_enforced_total: 1"),
+        format!("cluster.outbound|{PORT}||{HOST}.outlier_detection.ejections_active: 1"),
+    ] {
+        assert!(stats.lines().any(|l| l == want), "{want}\n{stats}");
+    }
+    Ok(())
+}
+
+/// CPU seconds this process has used (user + system), from /proc.
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields overall, in clock ticks of 1/100 s.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
+}
+
+/// Not a timed test: prints the CPU cost of a request through the waypoint
+/// next to the same request sent straight to the backend's HBONE server.
+/// Run with `cargo test --release -p waypoint --test routing -- --ignored
+/// --nocapture cpu_per_request`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn cpu_per_request() -> anyhow::Result<()> {
+    const N: usize = 5000;
+    let bench = mesh(
+        &[Backend {
+            name: "reviews-bench",
+            version: "v1",
+        }],
+        Value::Null,
+    )
+    .await?;
+    let mut c = bench.client(false).await?;
+    for _ in 0..200 {
+        c.get("/", &[]).await?;
+    }
+    let (cpu0, t0) = (process_cpu_seconds(), Instant::now());
+    for _ in 0..N {
+        c.get("/", &[]).await?;
+    }
+    let (via_cpu, via_wall) = (process_cpu_seconds() - cpu0, t0.elapsed());
+
+    // Direct: the same client stack to the backend's HBONE port.
+    let mut d = bench.direct_client(0).await?;
+    for _ in 0..200 {
+        d.get("/", &[]).await?;
+    }
+    let (cpu0, t0) = (process_cpu_seconds(), Instant::now());
+    for _ in 0..N {
+        d.get("/", &[]).await?;
+    }
+    let (direct_cpu, direct_wall) = (process_cpu_seconds() - cpu0, t0.elapsed());
+    let us = |cpu: f64| cpu * 1e6 / N as f64;
+    println!(
+        "through the waypoint: {:.1} us CPU/request, {:.0} req/s (client and backend included)",
+        us(via_cpu),
+        N as f64 / via_wall.as_secs_f64()
+    );
+    println!(
+        "direct: {:.1} us CPU/request, {:.0} req/s",
+        us(direct_cpu),
+        N as f64 / direct_wall.as_secs_f64()
+    );
+    println!(
+        "waypoint's own share: {:.1} us CPU/request = {:.3} cores at 1000 req/s; ratio {:.2}",
+        us(via_cpu - direct_cpu),
+        (via_cpu - direct_cpu) * 1000.0 / N as f64,
+        via_cpu / direct_cpu.max(1e-9)
+    );
+
+    // A new upstream tunnel and connection per request (what
+    // maxRequestsPerConnection 1 asks for), for comparison with reuse.
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "trafficPolicy": {"connectionPool": {"maxRequestsPerConnection": 1}},
+    });
+    let fresh = mesh(
+        &[Backend {
+            name: "reviews-bench-fresh",
+            version: "v1",
+        }],
+        routes,
+    )
+    .await?;
+    let mut c = fresh.client(false).await?;
+    for _ in 0..200 {
+        c.get("/", &[]).await?;
+    }
+    let (cpu0, t0) = (process_cpu_seconds(), Instant::now());
+    for _ in 0..N {
+        c.get("/", &[]).await?;
+    }
+    let (fresh_cpu, fresh_wall) = (process_cpu_seconds() - cpu0, t0.elapsed());
+    println!(
+        "through the waypoint, one upstream connection per request: {:.1} us CPU/request, {:.0} req/s",
+        us(fresh_cpu),
+        N as f64 / fresh_wall.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn proc_field(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn proc_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    rest.split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse::<u64>().ok())
+        .sum::<u64>() as f64
+        / 100.0
+}
+
+/// Not a timed test: runs the waypoint binary (build it with `--release`
+/// for meaningful numbers), prints its RSS at idle, then paces 1,000
+/// HTTP/1.1 requests/s through it for a few seconds and prints the cores
+/// and RSS it used. Run with `cargo test --release -p waypoint --test
+/// routing -- --ignored --nocapture binary_cost_at_1000_rps`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn binary_cost_at_1000_rps() -> anyhow::Result<()> {
+    const SECONDS: u64 = 5;
+    let m = mesh(
+        &[Backend {
+            name: "reviews-binary",
+            version: "v1",
+        }],
+        Value::Null,
+    )
+    .await?;
+    let hbone = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let ready = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"))
+        .envs(m.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("HBONE_ADDR", hbone.to_string())
+        .env("READINESS_ADDR", ready.to_string())
+        .env("ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("STATS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let result = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(b) = admin_get(ready, "/healthz/ready").await {
+                if b.starts_with("ready") {
+                    break;
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "waypoint binary never ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        println!("idle RSS: {} kB", proc_field(pid, "VmRSS:"));
+        let mut c = m.client_via(hbone).await?;
+        for _ in 0..100 {
+            c.get("/", &[]).await?;
+        }
+        let cpu0 = proc_cpu_seconds(pid);
+        let t0 = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let n = SECONDS * 1000;
+        for _ in 0..n {
+            tick.tick().await;
+            let r = c.get("/", &[]).await?;
+            anyhow::ensure!(r.status == StatusCode::OK, "{}", r.body);
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = proc_cpu_seconds(pid) - cpu0;
+        println!(
+            "{n} requests in {wall:.2} s ({:.0} req/s): waypoint used {cpu:.2} s CPU = {:.3} cores, \
+             {:.1} us/request; RSS {} kB (peak {} kB)",
+            n as f64 / wall,
+            cpu / wall,
+            cpu * 1e6 / n as f64,
+            proc_field(pid, "VmRSS:"),
+            proc_field(pid, "VmHWM:"),
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+#[tokio::test]
+async fn idle_connection_of_another_client_makes_room() -> anyhow::Result<()> {
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "trafficPolicy": {"connectionPool": {"maxConnections": 1}},
+    });
+    let mesh = mesh(
+        &[Backend {
+            name: "reviews-evict",
+            version: "v1",
+        }],
+        routes,
+    )
+    .await?;
+    let waypoint = Identity::new("cluster.local", "default", "waypoint");
+    for client in ["10.244.1.7:1000", "10.244.1.8:1000", "10.244.1.7:1001"] {
+        let io = TokioIo::new(
+            mesh.tunnel_from(mesh.waypoint, waypoint.clone(), client.parse()?)
+                .await?,
+        );
+        let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        let mut c = Client::H1(s);
+        // The first client's idle upstream connection holds the only slot;
+        // the next client's request closes it instead of waiting forever.
+        let r = tokio::time::timeout(Duration::from_secs(5), c.get("/", &[]))
+            .await
+            .context("request waited for an idle connection of another client")??;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
     Ok(())
 }
