@@ -564,7 +564,16 @@ fn fortio_load_and_curl() {
         out.contains("Sockets used: 3 (for perfect keepalive, would be 1)"),
         "{out}"
     );
-    let (code, _, err) = fortio(&["load", "-c", "1", "-qps", "0", "-n", "3", &url]);
+    // An HTTP error on a first request is counted, not fatal (the
+    // circuit-breaking task's threads get 503s on their first call); a
+    // first request that cannot connect ends the run.
+    let (code, out, _) = fortio(&["load", "-c", "1", "-qps", "0", "-n", "3", &url]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Code 503 : 3 (100.0 %)"), "{out}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = format!("http://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    let (code, _, err) = fortio(&["load", "-c", "1", "-qps", "0", "-n", "3", &refused]);
     assert_eq!(code, 1);
     assert!(err.contains("Aborting"), "{err}");
 

@@ -410,7 +410,11 @@ async fn worker(
         if reconnect {
             sender = None;
         }
-        if done == 0 && !allow_initial_errors && !(200..300).contains(&code) {
+        // Only a first request that never got an answer ends the run: an
+        // HTTP error status is counted like any other (Istio's
+        // circuit-breaking task shows a 503 on a thread's run 0 and the
+        // load going on).
+        if done == 0 && !allow_initial_errors && code < 0 {
             stats.aborted = Some(format!("error {code} for {}", target.addr));
             return stats;
         }
