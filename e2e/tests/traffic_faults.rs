@@ -125,22 +125,34 @@ fn bookinfo_fault_injection_and_request_timeouts_through_the_waypoint() {
     );
     assert_eq!(out, "fault filter abort 500", "abort seen by a client");
 
-    // 503 with the legacy `percent` form, then half the requests aborted.
+    // 503 for jason with the legacy `percent` form, then half of everyone's
+    // requests aborted.
     t.apply(&ratings_vs(
         "      abort:\n        percent: 100\n        httpStatus: 503\n",
-        false,
+        true,
     ));
     t.eventually(
-        "abort 503 (percent)",
+        "abort 503 for jason (percent)",
         WAIT,
         || {
             t.sh(
                 &curl,
-                "curl -s -o /dev/null -w '%{http_code}' http://ratings:9080/ratings/0",
+                "curl -s -o /dev/null -w '%{http_code}' -H 'end-user: jason' http://ratings:9080/ratings/0",
             )
         },
         |c| c == "503",
     );
+    t.eventually(
+        "jason's ratings page with the 503 abort",
+        WAIT,
+        || t.page(Some("jason")).0,
+        |p| p.contains(RATINGS_UNAVAILABLE),
+    );
+    let ok = t.sh(
+        &curl,
+        "curl -s -o /dev/null -w '%{http_code}' http://ratings:9080/ratings/0",
+    );
+    assert_eq!(ok, "200", "only jason is aborted");
     t.apply(&ratings_vs(
         "      abort:\n        percentage:\n          value: 50\n        httpStatus: 503\n",
         false,
