@@ -5,7 +5,8 @@
 //! built, ports indexed) so the per-request work is plain comparisons. The
 //! first `HttpRoute` with a matching `HttpMatch` wins, as in Istio.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -351,7 +352,14 @@ pub struct CompiledRoutes {
     pub protocols: HashMap<u16, String>,
     pub http: Vec<Route>,
     pub tcp: Vec<pb::TcpRoute>,
+    /// Subset name -> its labels, the endpoint selector callers hand to
+    /// `State::endpoints`.
     pub subsets: HashMap<String, BTreeMap<String, String>>,
+    /// Members (workload uids) of the subsets the control plane resolved,
+    /// by the subset's labels: the selector is all `State::endpoints` is
+    /// given. Subsets of one service with equal labels have equal members,
+    /// so the key is unambiguous.
+    pub resolved_subsets: HashMap<BTreeMap<String, String>, Arc<HashSet<String>>>,
     pub traffic_policy: Option<pb::TrafficPolicy>,
     /// As received, for `/config_dump`.
     pub source: pb::ServiceRoutes,
@@ -387,9 +395,28 @@ impl CompiledRoutes {
                 .iter()
                 .map(|s| (s.name.clone(), s.labels.clone().into_iter().collect()))
                 .collect(),
+            resolved_subsets: src
+                .subsets
+                .iter()
+                .filter(|s| s.labels_resolved)
+                .map(|s| {
+                    let members = s.workload_uids.iter().cloned().collect();
+                    (s.labels.clone().into_iter().collect(), Arc::new(members))
+                })
+                .collect(),
             traffic_policy: src.traffic_policy.clone(),
             source: src,
         })
+    }
+
+    /// The workload uids of the subset selected by `labels`, when the
+    /// control plane resolved it (it knows pod labels; the Workload API
+    /// only implies `app` and `version`). None means: match the labels.
+    pub fn subset_members(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<Arc<HashSet<String>>> {
+        self.resolved_subsets.get(labels).cloned()
     }
 
     /// The first route `req` matches, with the index of the match that
@@ -1147,6 +1174,7 @@ mod tests {
                     load_balancer: Some(lb(Simple::RoundRobin)),
                     ..Default::default()
                 }),
+                ..Default::default()
             }],
             ..Default::default()
         })

@@ -49,8 +49,9 @@ pub struct Workload {
     pub cluster_id: String,
     /// `ns/hostname` -> service port -> target port.
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
-    /// Labels subsets select on. The Workload API carries no pod labels,
-    /// so these are the ones it implies: `app` and `version` (and their
+    /// Labels subsets select on when the control plane did not resolve
+    /// them to workload uids. The Workload API carries no pod labels, so
+    /// these are the ones it implies: `app` and `version` (and their
     /// canonical-service forms) from the canonical name and revision.
     pub labels: BTreeMap<String, String>,
 }
@@ -113,6 +114,14 @@ struct Inner {
 }
 
 impl Inner {
+    /// The healthy workloads of `svc`, shared with the index.
+    fn members(&self, svc: &Service) -> Option<Members> {
+        self.by_service
+            .get(svc.namespace.as_str())?
+            .get(svc.hostname.as_str())
+            .cloned()
+    }
+
     fn reindex(&mut self) {
         self.by_vip.clear();
         self.by_hostname.clear();
@@ -276,7 +285,9 @@ impl State {
         })
     }
 
-    /// Healthy endpoints of `svc` serving `port`, restricted to workloads
+    /// Healthy endpoints of `svc` serving `port`, restricted to the subset
+    /// whose labels are `selector`: the members the control plane listed
+    /// for it in `svc`'s routes when it resolved them, else the workloads
     /// carrying every label of `selector`.
     pub fn endpoints(
         &self,
@@ -284,12 +295,22 @@ impl State {
         port: u16,
         selector: Option<&BTreeMap<String, String>>,
     ) -> Vec<Endpoint> {
-        let Some(members) = self.members(svc) else {
-            return Vec::new();
+        let (members, resolved) = {
+            let st = self.read();
+            let Some(members) = st.members(svc) else {
+                return Vec::new();
+            };
+            let resolved =
+                selector.and_then(|s| st.routes.get(svc.hostname.as_str())?.subset_members(s));
+            (members, resolved)
         };
         members
             .iter()
-            .filter(|w| selector.is_none_or(|s| w.matches_labels(s)))
+            .filter(|w| match (selector, &resolved) {
+                (None, _) => true,
+                (Some(_), Some(uids)) => uids.contains(&w.uid),
+                (Some(s), None) => w.matches_labels(s),
+            })
             .filter_map(|w| {
                 // The index only holds workloads of this service with an IP.
                 let ports = w
@@ -311,15 +332,6 @@ impl State {
                 })
             })
             .collect()
-    }
-
-    /// The healthy workloads of `svc`, shared with the index.
-    fn members(&self, svc: &Service) -> Option<Members> {
-        self.read()
-            .by_service
-            .get(svc.namespace.as_str())?
-            .get(svc.hostname.as_str())
-            .cloned()
     }
 
     /// Every service with its routes (if any), for the admin `/stats`.

@@ -521,6 +521,49 @@ async fn header_match_routes_to_subset() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn subsets_resolved_by_the_control_plane_use_its_uid_list() -> anyhow::Result<()> {
+    let to = |subset: &str| {
+        json!({"name": subset,
+               "matches": [{"headers": [{"name": "x-subset", "exact": subset}]}],
+               "route": {"destinations": [{"host": HOST, "subset": subset}]}})
+    };
+    let routes = json!({
+        "hostname": HOST, "namespace": "default",
+        "ports": [{"port": PORT, "protocol": "HTTP"}],
+        "httpRoutes": [to("canary"), to("pinned"), to("nomatch"), to("v2")],
+        "subsets": [
+            // A pod label the Workload API does not carry.
+            {"name": "canary", "labels": {"track": "canary"},
+             "workloadUids": ["Kubernetes//Pod/default/reviews-v2-a"], "labelsResolved": true},
+            // The list wins over the labels the workloads imply.
+            {"name": "pinned", "labels": {"version": "v2", "env": "prod"},
+             "workloadUids": ["Kubernetes//Pod/default/reviews-v1-a"], "labelsResolved": true},
+            // Resolved to nothing: no pod matches.
+            {"name": "nomatch", "labels": {"version": "v1", "env": "prod"},
+             "workloadUids": [], "labelsResolved": true},
+            // An older control plane: the waypoint matches the labels.
+            {"name": "v2", "labels": {"version": "v2"}},
+        ],
+    });
+    let mesh = mesh(&reviews_backends(), routes).await?;
+    for h2 in [false, true] {
+        let mut c = mesh.client(h2).await?;
+        for _ in 0..3 {
+            let r = c.get("/", &[("x-subset", "canary")]).await?;
+            assert_eq!(r.pod(), "reviews-v2-a", "{}", r.body);
+            let r = c.get("/", &[("x-subset", "pinned")]).await?;
+            assert_eq!(r.pod(), "reviews-v1-a", "{}", r.body);
+            let r = c.get("/", &[("x-subset", "v2")]).await?;
+            assert_eq!(r.pod(), "reviews-v2-a", "{}", r.body);
+        }
+        let r = c.get("/", &[("x-subset", "nomatch")]).await?;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.body, "no healthy upstream");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn weights_split_80_20() -> anyhow::Result<()> {
     let routes = json!({
         "hostname": HOST, "namespace": "default",

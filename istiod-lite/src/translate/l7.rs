@@ -12,6 +12,11 @@
 //! instead of being silently dropped. `tcp` routes are converted in
 //! `tcp.rs`; Gateway API HTTPRoutes (`httproute.rs`) attached to a service
 //! replace its VirtualService here.
+//!
+//! DestinationRule subsets select pods by label, which the waypoint cannot
+//! see (the Workload API carries none), so each subset goes out with the
+//! uids of the service's pods it selects; a pod appearing, going or being
+//! relabelled republishes the ServiceRoutes whose subsets it can change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -23,7 +28,9 @@ use mesh_core::proto::workload::AppProtocol;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Key, MeshConfig, PolicyObject, Translator};
+use super::pod::PodInfo;
+use super::service::SvcInfo;
+use super::{Key, Labels, MeshConfig, PolicyObject, Translator};
 
 /// Why a VirtualService or DestinationRule is refused.
 #[derive(Debug, thiserror::Error)]
@@ -920,19 +927,8 @@ pub(super) fn convert_destination_rule(
                 format!("duplicate subset {:?}", s.name),
             ));
         }
-        // The waypoint sees only the labels the Workload API implies.
-        for k in s.labels.keys() {
-            if !matches!(
-                k.as_str(),
-                "app"
-                    | "version"
-                    | "service.istio.io/canonical-name"
-                    | "service.istio.io/canonical-revision"
-            ) {
-                cx.unsupported
-                    .push(format!("{p}.labels.{k} (waypoints match app/version only)"));
-            }
-        }
+        // Any pod label works: the members are resolved against the pods
+        // when the ServiceRoutes is computed (`resolve_subsets`).
         subsets.push(pb::Subset {
             name: s.name.clone(),
             labels: s.labels.clone().into_iter().collect(),
@@ -940,6 +936,8 @@ pub(super) fn convert_destination_rule(
                 Some(tp) => Some(policy(&mut cx, &format!("{p}.trafficPolicy"), tp)?),
                 None => None,
             },
+            workload_uids: Vec::new(),
+            labels_resolved: false,
         });
     }
     Ok(DrInfo {
@@ -1276,9 +1274,76 @@ impl Translator {
                 _ => Vec::new(),
             },
             traffic_policy: dr.and_then(|(_, d)| d.traffic_policy.clone()),
-            subsets: dr.map(|(_, d)| d.subsets.clone()).unwrap_or_default(),
+            subsets: dr
+                .map(|(_, d)| self.resolve_subsets(ns, svc, &d.subsets))
+                .unwrap_or_default(),
         };
         Some((wl.hostname, routes))
+    }
+
+    /// The subsets with their members filled in: the uids of the pods of
+    /// `svc` (in `ns`) whose labels include every label of the subset. The
+    /// waypoint cannot match pod labels itself, since the Workload API
+    /// carries only a workload's canonical name and revision. Terminal pods
+    /// are left out: their workloads are not published.
+    fn resolve_subsets(&self, ns: &str, svc: &SvcInfo, subsets: &[pb::Subset]) -> Vec<pb::Subset> {
+        let empty = HashMap::new();
+        let pods = self.pods.get(ns).unwrap_or(&empty);
+        let members: Vec<(&String, &PodInfo)> = pods
+            .iter()
+            .filter(|(_, p)| !p.terminal && svc.selects(&p.labels))
+            .collect();
+        subsets
+            .iter()
+            .map(|s| {
+                let mut uids: Vec<String> = members
+                    .iter()
+                    .filter(|(_, p)| s.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                    .map(|(name, _)| super::workload_uid(&self.cfg, ns, name))
+                    .collect();
+                // Sorted, so an unchanged set compares (and encodes) equal.
+                uids.sort_unstable();
+                pb::Subset {
+                    workload_uids: uids,
+                    labels_resolved: true,
+                    ..s.clone()
+                }
+            })
+            .collect()
+    }
+
+    /// Marks the ServiceRoutes a pod's membership in DestinationRule subsets
+    /// can change: those of the services in `ns` that select the pod under
+    /// its old or new labels and have a DestinationRule with subsets. Only
+    /// called when the pod appears, goes, is relabelled or turns terminal.
+    pub(super) fn mark_subset_routes(
+        &mut self,
+        ns: &str,
+        old: Option<&Labels>,
+        new: Option<&Labels>,
+    ) {
+        let Some(svcs) = self.services.get(ns) else {
+            return;
+        };
+        let selecting: Vec<Key> = svcs
+            .iter()
+            .filter(|(_, s)| old.is_some_and(|l| s.selects(l)) || new.is_some_and(|l| s.selects(l)))
+            .map(|(name, _)| (ns.to_string(), name.clone()))
+            .collect();
+        if selecting.is_empty() {
+            return;
+        }
+        let with_subsets: BTreeSet<&Key> = self
+            .destination_rules
+            .values()
+            .filter(|d| !d.subsets.is_empty())
+            .filter_map(|d| d.host.as_ref())
+            .collect();
+        for key in selecting {
+            if with_subsets.contains(&key) {
+                self.dirty_routes.insert(key);
+            }
+        }
     }
 
     /// Recomputes the dirty ServiceRoutes into `changes`.

@@ -969,3 +969,224 @@ spec:
     );
     waypoint::routing::CompiledRoutes::compile(r).unwrap();
 }
+
+fn pod(name: &str, ip: &str, labels: Value, phase: &str) -> Event {
+    Event::Pod(
+        serde_json::from_value(json!({
+            "metadata": {"namespace": NS, "name": name, "labels": labels},
+            "spec": {"nodeName": "node1", "containers": [{"name": "app"}]},
+            "status": {"phase": phase, "podIP": ip,
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap(),
+    )
+}
+
+fn uid(name: &str) -> String {
+    format!("Kubernetes//Pod/{NS}/{name}")
+}
+
+/// Subset name -> (resolved, member uids) of a service's ServiceRoutes.
+fn members(t: &Translator, svc: &str) -> BTreeMap<String, (bool, Vec<String>)> {
+    routes_of(t, svc)
+        .subsets
+        .into_iter()
+        .map(|s| (s.name, (s.labels_resolved, s.workload_uids)))
+        .collect()
+}
+
+/// Bookinfo with reviews pods labelled beyond app/version, a ratings pod
+/// that carries a matching label but is not a reviews endpoint, and a
+/// DestinationRule selecting reviews pods by those labels.
+fn canary_mesh() -> Translator {
+    let mut t = bookinfo();
+    let reviews = |version: &str, extra: Value| {
+        let mut l = json!({"app": "reviews", "version": version});
+        l.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        l
+    };
+    t.apply(pod(
+        "reviews-v1",
+        "10.244.0.11",
+        reviews("v1", json!({"track": "stable"})),
+        "Running",
+    ));
+    t.apply(pod(
+        "reviews-v2",
+        "10.244.0.12",
+        reviews("v2", json!({"track": "canary"})),
+        "Running",
+    ));
+    t.apply(pod(
+        "reviews-v3",
+        "10.244.0.13",
+        reviews("v3", json!({"track": "canary", "env": "prod"})),
+        "Running",
+    ));
+    // Finished: its workload is not published, so it is no member.
+    t.apply(pod(
+        "reviews-job",
+        "10.244.0.14",
+        reviews("v2", json!({"track": "canary"})),
+        "Succeeded",
+    ));
+    t.apply(pod(
+        "ratings-v1",
+        "10.244.0.21",
+        json!({"app": "ratings", "version": "v1", "track": "canary"}),
+        "Running",
+    ));
+    for ev in objects(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  subsets:
+  - name: canary
+    labels: {track: canary}
+  - name: v3-prod
+    labels: {version: v3, env: prod}
+  - name: v2-prod
+    labels: {version: v2, env: prod}
+  - name: all
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: productpage
+spec:
+  hosts: [productpage]
+  http:
+  - route:
+    - destination: {host: reviews, subset: canary}
+"#,
+    ) {
+        t.apply(ev);
+    }
+    t.take_changes();
+    t
+}
+
+#[test]
+fn subsets_list_the_uids_of_the_pods_whose_labels_match() {
+    let t = canary_mesh();
+    assert!(t.policy_problems().is_empty(), "{:?}", t.policy_problems());
+    let m = members(&t, "reviews");
+    assert_eq!(
+        m["canary"],
+        (true, vec![uid("reviews-v2"), uid("reviews-v3")])
+    );
+    assert_eq!(m["v3-prod"], (true, vec![uid("reviews-v3")]));
+    // Resolved to nothing: the waypoint must not fall back to labels.
+    assert_eq!(m["v2-prod"], (true, vec![]));
+    assert_eq!(
+        m["all"],
+        (
+            true,
+            vec![uid("reviews-v1"), uid("reviews-v2"), uid("reviews-v3")]
+        )
+    );
+    // A route elsewhere naming the subset reaches it through reviews' own
+    // ServiceRoutes (the waypoint looks the destination's subsets up there).
+    let r = routes_of(&t, "productpage");
+    assert_eq!(
+        destinations(only_route(&r))[0],
+        dest("reviews", "canary", 0)
+    );
+    assert!(r.subsets.is_empty());
+}
+
+#[test]
+fn pods_appearing_going_or_relabelled_republish_the_subsets() {
+    let mut t = canary_mesh();
+    let republished = |t: &mut Translator| {
+        let c = t.take_changes();
+        let mut n: Vec<String> = c.route_upserts.into_iter().map(|(n, _)| n).collect();
+        n.extend(c.route_removes);
+        n
+    };
+    // Relabelled into the canary track.
+    t.apply(pod(
+        "reviews-v1",
+        "10.244.0.11",
+        json!({"app": "reviews", "version": "v1", "track": "canary"}),
+        "Running",
+    ));
+    assert_eq!(republished(&mut t), [host("reviews")]);
+    assert_eq!(
+        members(&t, "reviews")["canary"].1,
+        [uid("reviews-v1"), uid("reviews-v2"), uid("reviews-v3")]
+    );
+    // Same labels, new IP: no subset moves, nothing republished.
+    t.apply(pod(
+        "reviews-v1",
+        "10.244.0.31",
+        json!({"app": "reviews", "version": "v1", "track": "canary"}),
+        "Running",
+    ));
+    assert!(republished(&mut t).is_empty());
+    // Gone.
+    t.apply(Event::PodDeleted {
+        namespace: NS.into(),
+        name: "reviews-v2".into(),
+    });
+    assert_eq!(republished(&mut t), [host("reviews")]);
+    assert_eq!(
+        members(&t, "reviews")["canary"].1,
+        [uid("reviews-v1"), uid("reviews-v3")]
+    );
+    // Finished.
+    t.apply(pod(
+        "reviews-v3",
+        "10.244.0.13",
+        json!({"app": "reviews", "version": "v3", "track": "canary", "env": "prod"}),
+        "Failed",
+    ));
+    assert_eq!(republished(&mut t), [host("reviews")]);
+    assert_eq!(members(&t, "reviews")["v3-prod"].1, Vec::<String>::new());
+    // New.
+    t.apply(pod(
+        "reviews-v2-prod",
+        "10.244.0.15",
+        json!({"app": "reviews", "version": "v2", "env": "prod"}),
+        "Running",
+    ));
+    assert_eq!(republished(&mut t), [host("reviews")]);
+    assert_eq!(
+        members(&t, "reviews")["v2-prod"].1,
+        [uid("reviews-v2-prod")]
+    );
+    // A pod of a service without subsets touches no ServiceRoutes.
+    t.apply(pod(
+        "ratings-v1",
+        "10.244.0.21",
+        json!({"app": "ratings", "version": "v2"}),
+        "Running",
+    ));
+    assert!(republished(&mut t).is_empty());
+    // A pod leaving the service (relabelled) leaves its subsets too.
+    t.apply(pod(
+        "reviews-v1",
+        "10.244.0.31",
+        json!({"app": "other", "version": "v1", "track": "canary"}),
+        "Running",
+    ));
+    assert_eq!(republished(&mut t), [host("reviews")]);
+    assert_eq!(members(&t, "reviews")["canary"].1, Vec::<String>::new());
+    // The Service's selector changing re-resolves them as well.
+    t.apply(Event::Service(
+        serde_json::from_value(json!({
+            "metadata": {"namespace": NS, "name": "reviews"},
+            "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "other"},
+                     "ports": [{"name": "http", "port": 9080}]}
+        }))
+        .unwrap(),
+    ));
+    assert_eq!(republished(&mut t), [host("reviews")]);
+    assert_eq!(members(&t, "reviews")["canary"].1, [uid("reviews-v1")]);
+}

@@ -359,9 +359,17 @@ impl Translator {
                     return;
                 }
                 let new_identity = identity_key(&ns, &info);
+                // Only appearing, relabelling or turning terminal moves a
+                // pod in or out of DestinationRule subsets.
+                let new_member = (pods.get(&name).and_then(subset_member) != subset_member(&info))
+                    .then(|| subset_member(&info).cloned());
                 let old = pods.insert(name.clone(), info);
                 self.track_identity(old.as_ref().and_then(|o| identity_key(&ns, o)), -1);
                 self.track_identity(new_identity, 1);
+                if let Some(new_member) = new_member {
+                    let old_member = old.as_ref().and_then(subset_member);
+                    self.mark_subset_routes(&ns, old_member, new_member.as_ref());
+                }
                 self.dirty_pods.insert((ns, name));
             }
             Event::PodDeleted { namespace, name } => {
@@ -375,6 +383,7 @@ impl Translator {
                     self.pods.remove(&namespace);
                 }
                 self.track_identity(identity_key(&namespace, &old), -1);
+                self.mark_subset_routes(&namespace, subset_member(&old), None);
                 self.dirty_pods.insert((namespace, name));
             }
             Event::Service(s) => {
@@ -665,6 +674,12 @@ fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta)
 fn identity_key(ns: &str, p: &PodInfo) -> Option<(String, String, String)> {
     (!p.terminal && !p.node.is_empty())
         .then(|| (ns.to_string(), p.service_account.clone(), p.node.clone()))
+}
+
+/// The labels DestinationRule subsets see of a pod, None when it is no
+/// subset member (terminal pods are not published).
+fn subset_member(p: &PodInfo) -> Option<&Labels> {
+    (!p.terminal).then_some(&p.labels)
 }
 
 /// Resource name of a pod's workload.
