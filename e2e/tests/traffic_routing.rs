@@ -124,6 +124,46 @@ fn bookinfo_request_routing_and_traffic_shifting_through_the_waypoint() {
     );
     assert!(within_binomial(v2, 200, 0.2), "80/20 split: {n:?}");
 
+    // A subset by a label other than app/version: the pod labelled
+    // `track=canary` (reviews v2) takes all of reviews' traffic.
+    let canary = t.pod("app=reviews,version=v2");
+    t.kubectl(&["label", "pod", &canary, "-n", "default", "track=canary"]);
+    t.apply(
+        r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: canary
+    labels:
+      track: canary
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+  - reviews
+  http:
+  - route:
+    - destination:
+        host: reviews
+        subset: canary
+"#,
+    );
+    t.eventually(
+        "subset track=canary",
+        WAIT,
+        || t.reviews_versions(10, None),
+        |v| all(v, "v2"),
+    );
+
     // URL rewrite: /products is served by /productpage.
     let curl = t.pod("app=curl");
     let code = t.sh(
