@@ -15,6 +15,7 @@ pub mod kube;
 pub mod local;
 pub mod mesh;
 pub mod netns;
+pub mod procstat;
 pub mod samples;
 pub mod svcproxy;
 pub mod topology;

@@ -29,6 +29,7 @@ use std::fs;
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use e2e::mesh::{Mesh, MeshSpec};
+use e2e::procstat::{parse_env, process_jiffies};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -312,26 +313,6 @@ impl CpuSample {
             server: share(2),
         }
     }
-}
-
-/// utime + stime of a process, 0 if it is gone.
-fn process_jiffies(pid: u32) -> u64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    // The command name is in parentheses and may contain spaces: count
-    // fields after the last ')'. utime and stime are fields 14 and 15.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    get(11) + get(12)
 }
 
 /// Threads pinned to the first CPU; their former affinity comes back on
@@ -663,13 +644,6 @@ impl Bench<'_> {
     }
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("{s:?} is not NAME=VALUE")),
-    }
-}
-
 fn number(v: &Value, key: &str) -> anyhow::Result<f64> {
     v[key]
         .as_f64()
@@ -903,13 +877,6 @@ mod tests {
         assert_eq!(ratio(rr, &direct, &meshed), Some((5.0, Some(false))));
         let missing = all.iter().find(|f| f.key == "cps").unwrap();
         assert_eq!(ratio(missing, &direct, &meshed), None);
-    }
-
-    #[test]
-    fn env_pairs() {
-        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
-        assert!(parse_env("=x").is_err());
-        assert!(parse_env("novalue").is_err());
     }
 
     #[test]

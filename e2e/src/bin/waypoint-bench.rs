@@ -34,6 +34,7 @@ use anyhow::{bail, Context};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use e2e::interrupt::Interrupt;
 use e2e::local::{LocalMesh, LocalMeshSpec};
+use e2e::procstat::{parse_env, process_jiffies};
 use serde_json::{json, Value};
 
 use http_load::{LoadReport, LoadSpec};
@@ -436,14 +437,6 @@ fn waypoint_apply(mesh: &LocalMesh, namespace: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `NAME=VALUE` of `--waypoint-env`.
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
-    }
-}
-
 /// Every `NAME=VALUE` the waypoint gets on top of what was provisioned.
 fn waypoint_env(args: &BenchArgs) -> Vec<String> {
     args.waypoint_log
@@ -757,27 +750,6 @@ impl CpuSample {
             .map(|(now, then)| now.saturating_sub(*then) as f64 / per_cpu)
             .collect()
     }
-}
-
-/// utime + stime of a process (all its threads), 0 if it is gone.
-fn process_jiffies(pid: u32) -> u64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    // The command name is in parentheses and may contain spaces: count
-    // fields after the last ')'; utime and stime are fields 14 and 15, the
-    // 12th and 13th after it.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    get(11) + get(12)
 }
 
 /// VmRSS and VmHWM (peak) of a process, in MB (10^6 bytes).
