@@ -14,14 +14,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use istiod_lite::routestatus;
 use istiod_lite::translate::MeshConfig;
-use k8s_openapi::api::core::v1::{Namespace, Service};
-use kube::api::{DynamicObject, ObjectMeta, PostParams};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{DynamicObject, PostParams};
 use kube::Api;
 use serde_json::{json, Value};
 
 mod common;
 
-use common::{eventually, install_crds, skip_reason, Cluster};
+use common::{create_namespace, eventually, install_crds, skip_reason, Cluster};
 
 fn service(name: &str) -> Service {
     serde_json::from_value(json!({
@@ -67,18 +67,7 @@ async fn http_route_status_on_a_real_api_server() -> Result<()> {
     let cluster = Cluster::start("httproute")?;
     let client = cluster.client().await?;
     install_crds(&client).await?;
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some("bookinfo".into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await?;
+    create_namespace(&client, "bookinfo").await?;
     let svcs = Api::<Service>::namespaced(client.clone(), "bookinfo");
     for s in ["reviews", "reviews-v1"] {
         svcs.create(&PostParams::default(), &service(s)).await?;

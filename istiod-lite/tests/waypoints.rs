@@ -15,14 +15,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use istiod_lite::waypoints::{self, WaypointSettings, GATEWAY_NAME_LABEL};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
-use kube::api::{DeleteParams, DynamicObject, ObjectMeta, PostParams};
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use kube::api::{DeleteParams, DynamicObject, PostParams};
 use kube::Api;
 use serde_json::{json, Value};
 
 mod common;
 
-use common::{eventually, eventually_within, install_crds, skip_reason, Cluster};
+use common::{create_namespace, eventually, eventually_within, install_crds, skip_reason, Cluster};
 
 fn gateway(name: &str, protocol: &str, port: u16) -> DynamicObject {
     serde_json::from_value(json!({
@@ -54,18 +54,7 @@ async fn provisions_waypoints_on_a_real_api_server() -> Result<()> {
     let cluster = Cluster::start("waypoints")?;
     let client = cluster.client().await?;
     install_crds(&client).await?;
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some("bookinfo".into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await?;
+    create_namespace(&client, "bookinfo").await?;
 
     let (trigger, watch) = mesh_core::drain::new();
     let settings = WaypointSettings {

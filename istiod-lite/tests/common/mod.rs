@@ -114,6 +114,21 @@ pub async fn install_crds(client: &Client) -> Result<()> {
     Ok(())
 }
 
+/// Creates a Namespace.
+pub async fn create_namespace(client: &Client, name: &str) -> Result<()> {
+    let ns = k8s_openapi::api::core::v1::Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    Ok(())
+}
+
 /// Polls `f` until it gives `Some`, for up to 30 s.
 pub async fn eventually<T, F, Fut>(what: &str, f: F) -> Result<T>
 where
