@@ -59,12 +59,16 @@ mkdir -p "$DIR/pids" "$DIR/pki" "$DIR/logs"
 trap 'rc=$?; if [ $rc -ne 0 ]; then log "failed; logs in $DIR/logs"; stop_all "$DIR"; fi' EXIT
 
 used_ports=""
+# Ports below the kernel's ephemeral range: one inside it can be taken by any
+# outgoing connection between choosing it and the server binding it.
+ephemeral_lo=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[ "$ephemeral_lo" -gt 21000 ] || ephemeral_lo=32768
 free_port() {
   local p
   for _ in $(seq 1 200); do
-    p=$(( 20000 + RANDOM % 40000 ))
+    p=$(( 20000 + RANDOM % (ephemeral_lo - 20000) ))
     case " $used_ports " in *" $p "*) continue ;; esac
-    if [ -z "$(ss -Hltn "sport = :$p" 2>/dev/null)" ]; then used_ports="$used_ports $p"; echo "$p"; return; fi
+    if [ -z "$(ss -Hatn "sport = :$p" 2>/dev/null)" ]; then used_ports="$used_ports $p"; echo "$p"; return; fi
   done
   die "no free port found"
 }
