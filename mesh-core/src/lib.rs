@@ -8,6 +8,7 @@
 pub mod ca;
 pub mod ca_client;
 pub mod certs;
+pub mod controlplane;
 pub mod copy;
 pub mod drain;
 pub mod env;

@@ -6,7 +6,6 @@
 //! (`LOCAL_XDS_PATH`, `LOCAL_CA_DIR`) for tests and the local mesh.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_core::env::{duration_var, parse_var, EnvError};
@@ -25,40 +24,15 @@ pub enum ConfigError {
     },
     #[error("{0} must be set")]
     Missing(&'static str),
+    #[error(transparent)]
+    ControlPlane(#[from] mesh_core::controlplane::ControlPlaneError),
 }
 
-/// How to reach a control-plane endpoint (xDS or CA).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControlPlane {
-    /// `https://host:port`.
-    pub address: String,
-    /// PEM root of the endpoint's serving certificate.
-    pub root_ca: PathBuf,
-    /// Bearer token file, re-read on every use because it rotates.
-    pub token_path: PathBuf,
-}
-
-/// Where the waypoint's certificate comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaSource {
-    /// Sign in-process with the plug-in CA files in this directory.
-    LocalDir(PathBuf),
-    /// Ask the mesh CA.
-    ControlPlane(ControlPlane),
-}
-
-/// Where workloads, services and routes come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum XdsSource {
-    /// YAML with `addresses:` (as ztunnel's local file) and `routes:`
-    /// (ServiceRoutes in proto3 JSON), reloaded on change.
-    LocalFile(PathBuf),
-    /// Delta xDS from the control plane.
-    ControlPlane(ControlPlane),
-}
-
-pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
-pub const DEFAULT_ROOT_CA: &str = "/var/run/secrets/istio/root-cert.pem";
+// The local file's YAML has `addresses:` (as ztunnel's) and `routes:`
+// (ServiceRoutes in proto3 JSON).
+pub use mesh_core::controlplane::{
+    CaSource, ControlPlane, XdsSource, DEFAULT_ROOT_CA, DEFAULT_TOKEN_PATH,
+};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -97,42 +71,7 @@ impl Config {
     }
 
     pub fn from_env(env: &dyn Env) -> Result<Config, ConfigError> {
-        let token_path = PathBuf::from(
-            env.var("AUTH_TOKEN_PATH")
-                .unwrap_or_else(|| DEFAULT_TOKEN_PATH.into()),
-        );
-        let xds = match (env.var("XDS_ADDRESS"), env.var("LOCAL_XDS_PATH")) {
-            (_, Some(path)) => XdsSource::LocalFile(PathBuf::from(path)),
-            (Some(address), None) => XdsSource::ControlPlane(ControlPlane {
-                address: https("XDS_ADDRESS", address)?,
-                root_ca: PathBuf::from(
-                    env.var("XDS_ROOT_CA")
-                        .unwrap_or_else(|| DEFAULT_ROOT_CA.into()),
-                ),
-                token_path: token_path.clone(),
-            }),
-            (None, None) => return Err(ConfigError::Missing("XDS_ADDRESS or LOCAL_XDS_PATH")),
-        };
-        let ca = match (
-            env.var("LOCAL_CA_DIR"),
-            env.var("CA_ADDRESS").or(env.var("XDS_ADDRESS")),
-        ) {
-            (Some(dir), _) => CaSource::LocalDir(PathBuf::from(dir)),
-            (None, Some(address)) => CaSource::ControlPlane(ControlPlane {
-                address: https("CA_ADDRESS", address)?,
-                root_ca: PathBuf::from(
-                    env.var("CA_ROOT_CA")
-                        .or(env.var("XDS_ROOT_CA"))
-                        .unwrap_or_else(|| DEFAULT_ROOT_CA.into()),
-                ),
-                token_path,
-            }),
-            (None, None) => {
-                return Err(ConfigError::Missing(
-                    "CA_ADDRESS, XDS_ADDRESS or LOCAL_CA_DIR",
-                ))
-            }
-        };
+        let (xds, ca) = mesh_core::controlplane::sources_from_env(env)?;
         let pod_name = env.var("POD_NAME").unwrap_or_else(|| "waypoint".into());
         let pod_namespace = env.var("POD_NAMESPACE").unwrap_or_else(|| "default".into());
         let instance_ip = match env.var("INSTANCE_IP") {
@@ -184,18 +123,6 @@ impl Config {
             connect_timeout: duration_var(env, "CONNECT_TIMEOUT", Duration::from_secs(10))?,
             cert_ttl: duration_var(env, "WORKLOAD_CERT_TTL", Duration::from_secs(24 * 3600))?,
             max_request_body: parse_var(env, "MAX_REQUEST_BODY_BYTES", 4 * 1024 * 1024usize)?,
-        })
-    }
-}
-
-fn https(name: &'static str, address: String) -> Result<String, ConfigError> {
-    if address.starts_with("https://") {
-        Ok(address)
-    } else {
-        Err(ConfigError::Invalid {
-            name,
-            value: address,
-            reason: "expected https://host:port".into(),
         })
     }
 }

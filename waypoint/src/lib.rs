@@ -26,24 +26,18 @@ pub mod xds;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh_core::ca::CertificateAuthority;
-use mesh_core::ca_client::{CaClient, TokenSource};
-use mesh_core::certs::{CertificateManager, CertificateProvider, LocalCaProvider, RotationConfig};
+use mesh_core::certs::{CertificateManager, RotationConfig};
 use mesh_core::drain;
 use mesh_core::proto::{ADDRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 use mesh_core::readiness::{BlockReady, Ready};
 use mesh_core::xds::client::{ClientConfig, Subscription, XdsClient};
 
-use crate::config::{CaSource, Config, ControlPlane, XdsSource};
+use crate::config::{Config, XdsSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("loading the CA from {dir}: {source}")]
-    Ca {
-        dir: String,
-        #[source]
-        source: Box<mesh_core::ca::CaError>,
-    },
+    #[error(transparent)]
+    ControlPlane(#[from] mesh_core::controlplane::ControlPlaneError),
     #[error("binding {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -51,52 +45,6 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
-    #[error("reading the control plane's root certificate {path}: {source}")]
-    RootCa {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("control plane endpoint {address}: {source}")]
-    Grpc {
-        address: String,
-        #[source]
-        source: mesh_core::grpc::GrpcError,
-    },
-}
-
-fn control_plane_channel(cp: &ControlPlane) -> Result<tonic::transport::Channel, AppError> {
-    let root = std::fs::read_to_string(&cp.root_ca).map_err(|source| AppError::RootCa {
-        path: cp.root_ca.display().to_string(),
-        source,
-    })?;
-    let grpc = |source| AppError::Grpc {
-        address: cp.address.clone(),
-        source,
-    };
-    let tls = mesh_core::grpc::client_tls(&root).map_err(grpc)?;
-    mesh_core::grpc::channel(&cp.address, tls).map_err(grpc)
-}
-
-fn certificate_provider(cfg: &Config) -> Result<Arc<dyn CertificateProvider>, AppError> {
-    Ok(match &cfg.ca {
-        CaSource::LocalDir(dir) => {
-            let ca = CertificateAuthority::load_dir(dir).map_err(|source| AppError::Ca {
-                dir: dir.display().to_string(),
-                source: Box::new(source),
-            })?;
-            Arc::new(LocalCaProvider::new(Arc::new(ca), cfg.cert_ttl))
-        }
-        // The waypoint asks for its own identity (its ServiceAccount token
-        // proves it), never impersonating anyone.
-        CaSource::ControlPlane(cp) => Arc::new(CaClient::new(
-            control_plane_channel(cp)?,
-            TokenSource::File(cp.token_path.clone()),
-            cfg.cluster_id.clone(),
-            cfg.cert_ttl,
-            None,
-        )),
-    })
 }
 
 /// Ready once the waypoint's own certificate is in hand.
@@ -138,7 +86,10 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpLis
 pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
     let cfg = Arc::new(cfg);
     let ready = Ready::new();
-    let certs = CertificateManager::new(certificate_provider(&cfg)?, RotationConfig::default());
+    let certs = CertificateManager::new(
+        mesh_core::controlplane::certificate_provider(&cfg.ca, &cfg.cluster_id, cfg.cert_ttl)?,
+        RotationConfig::default(),
+    );
     let identity = cfg.identity();
     let state = state::State::new();
     let metrics = metrics::Metrics::new();
@@ -196,7 +147,7 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
                 .subscribe(SERVICE_ROUTES_TYPE_URL, Subscription::wildcard());
             client_cfg.token_file = Some(cp.token_path.clone());
             let client = XdsClient::new(
-                control_plane_channel(cp)?,
+                mesh_core::controlplane::channel(cp)?,
                 client_cfg,
                 Arc::new(xds::StateHandler::new(state.clone())),
             );

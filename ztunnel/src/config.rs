@@ -23,45 +23,13 @@ pub enum ConfigError {
     },
     #[error("{0} must be set")]
     Missing(&'static str),
+    #[error(transparent)]
+    ControlPlane(#[from] mesh_core::controlplane::ControlPlaneError),
 }
 
-/// How to reach a control-plane endpoint (xDS or CA).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControlPlane {
-    /// `https://host:port`.
-    pub address: String,
-    /// PEM root that the endpoint's serving certificate chains to.
-    pub root_ca: PathBuf,
-    /// Bearer token file (a projected ServiceAccount token, audience
-    /// `istio-ca`); re-read on every use because it rotates.
-    pub token_path: PathBuf,
-}
-
-/// Where workload certificates come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaSource {
-    /// Sign in-process with a CA whose plug-in files (`ca-cert.pem`,
-    /// `ca-key.pem`, `root-cert.pem`, optional `cert-chain.pem`) are in this
-    /// directory. Every ztunnel given the same files trusts the others.
-    LocalDir(PathBuf),
-    /// Ask the mesh CA (`IstioCertificateService`).
-    ControlPlane(ControlPlane),
-}
-
-/// Where the mesh's workloads, services and policies come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum XdsSource {
-    /// A YAML file of Workload API resources, reloaded on change.
-    LocalFile(PathBuf),
-    /// Delta xDS from the control plane.
-    ControlPlane(ControlPlane),
-}
-
-/// Default projected token path, as Istio's ztunnel DaemonSet mounts it.
-pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
-/// Default root of the control plane's serving certificate (the
-/// `istio-ca-root-cert` ConfigMap mounted by the DaemonSet).
-pub const DEFAULT_ROOT_CA: &str = "/var/run/secrets/istio/root-cert.pem";
+pub use mesh_core::controlplane::{
+    CaSource, ControlPlane, XdsSource, DEFAULT_ROOT_CA, DEFAULT_TOKEN_PATH,
+};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -105,68 +73,7 @@ fn seconds(env: &dyn Env, name: &'static str, default: Duration) -> Result<Durat
 
 impl Config {
     pub fn from_env(env: &dyn Env) -> Result<Config, ConfigError> {
-        let token_path = PathBuf::from(
-            env.var("AUTH_TOKEN_PATH")
-                .unwrap_or_else(|| DEFAULT_TOKEN_PATH.into()),
-        );
-        let xds = match (env.var("XDS_ADDRESS"), env.var("LOCAL_XDS_PATH")) {
-            (_, Some(path)) => XdsSource::LocalFile(PathBuf::from(path)),
-            (Some(address), None) => XdsSource::ControlPlane(ControlPlane {
-                address,
-                root_ca: PathBuf::from(
-                    env.var("XDS_ROOT_CA")
-                        .unwrap_or_else(|| DEFAULT_ROOT_CA.into()),
-                ),
-                token_path: token_path.clone(),
-            }),
-            (None, None) => return Err(ConfigError::Missing("XDS_ADDRESS or LOCAL_XDS_PATH")),
-        };
-        let ca = match (
-            env.var("LOCAL_CA_DIR"),
-            env.var("CA_ADDRESS").or(env.var("XDS_ADDRESS")),
-        ) {
-            (Some(dir), _) => CaSource::LocalDir(PathBuf::from(dir)),
-            (None, Some(address)) => CaSource::ControlPlane(ControlPlane {
-                address,
-                root_ca: PathBuf::from(
-                    env.var("CA_ROOT_CA")
-                        .or(env.var("XDS_ROOT_CA"))
-                        .unwrap_or_else(|| DEFAULT_ROOT_CA.into()),
-                ),
-                token_path,
-            }),
-            (None, None) => {
-                return Err(ConfigError::Missing(
-                    "CA_ADDRESS, XDS_ADDRESS or LOCAL_CA_DIR",
-                ))
-            }
-        };
-        for (name, addr) in [
-            (
-                "XDS_ADDRESS",
-                match &xds {
-                    XdsSource::ControlPlane(c) => Some(&c.address),
-                    _ => None,
-                },
-            ),
-            (
-                "CA_ADDRESS",
-                match &ca {
-                    CaSource::ControlPlane(c) => Some(&c.address),
-                    _ => None,
-                },
-            ),
-        ] {
-            if let Some(a) = addr {
-                if !a.starts_with("https://") {
-                    return Err(ConfigError::Invalid {
-                        name,
-                        value: a.clone(),
-                        reason: "expected https://host:port".into(),
-                    });
-                }
-            }
-        }
+        let (xds, ca) = mesh_core::controlplane::sources_from_env(env)?;
         let node_name = env
             .var("NODE_NAME")
             .ok_or(ConfigError::Missing("NODE_NAME"))?;

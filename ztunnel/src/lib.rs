@@ -27,25 +27,19 @@ pub mod xds;
 
 use std::sync::Arc;
 
-use mesh_core::ca::CertificateAuthority;
-use mesh_core::ca_client::{CaClient, TokenSource};
-use mesh_core::certs::{CertificateManager, CertificateProvider, LocalCaProvider, RotationConfig};
+use mesh_core::certs::{CertificateManager, RotationConfig};
 use mesh_core::drain;
 use mesh_core::hbone;
 use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use mesh_core::readiness::{BlockReady, Ready};
 use mesh_core::xds::client::{ClientConfig, Subscription, XdsClient};
 
-use crate::config::{CaSource, Config, ControlPlane, XdsSource};
+use crate::config::{Config, XdsSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("loading the CA from {dir}: {source}")]
-    Ca {
-        dir: String,
-        #[source]
-        source: Box<mesh_core::ca::CaError>,
-    },
+    #[error(transparent)]
+    ControlPlane(#[from] mesh_core::controlplane::ControlPlaneError),
     #[error("binding {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -55,53 +49,6 @@ pub enum AppError {
     },
     #[error("opening ztunnel's own network namespace: {0}")]
     Netns(#[source] std::io::Error),
-    #[error("reading the control plane's root certificate {path}: {source}")]
-    RootCa {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("control plane endpoint {address}: {source}")]
-    Grpc {
-        address: String,
-        #[source]
-        source: mesh_core::grpc::GrpcError,
-    },
-}
-
-/// A gRPC channel to a control-plane endpoint, verified against its root.
-fn control_plane_channel(cp: &ControlPlane) -> Result<tonic::transport::Channel, AppError> {
-    let root = std::fs::read_to_string(&cp.root_ca).map_err(|source| AppError::RootCa {
-        path: cp.root_ca.display().to_string(),
-        source,
-    })?;
-    let grpc = |source| AppError::Grpc {
-        address: cp.address.clone(),
-        source,
-    };
-    let tls = mesh_core::grpc::client_tls(&root).map_err(grpc)?;
-    mesh_core::grpc::channel(&cp.address, tls).map_err(grpc)
-}
-
-fn certificate_provider(cfg: &Config) -> Result<Arc<dyn CertificateProvider>, AppError> {
-    Ok(match &cfg.ca {
-        CaSource::LocalDir(dir) => {
-            let ca = CertificateAuthority::load_dir(dir).map_err(|source| AppError::Ca {
-                dir: dir.display().to_string(),
-                source: Box::new(source),
-            })?;
-            Arc::new(LocalCaProvider::new(Arc::new(ca), cfg.cert_ttl))
-        }
-        // ztunnel never holds a certificate of its own: every request is
-        // on behalf of a pod on this node (ImpersonatedIdentity).
-        CaSource::ControlPlane(cp) => Arc::new(CaClient::new(
-            control_plane_channel(cp)?,
-            TokenSource::File(cp.token_path.clone()),
-            cfg.cluster_id.clone(),
-            cfg.cert_ttl,
-            None,
-        )),
-    })
 }
 
 /// Readiness for certificates: once the state is complete, every HBONE
@@ -147,7 +94,8 @@ pub struct App {
 pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
     let cfg = Arc::new(cfg);
     let ready = Ready::new();
-    let provider = certificate_provider(&cfg)?;
+    let provider =
+        mesh_core::controlplane::certificate_provider(&cfg.ca, &cfg.cluster_id, cfg.cert_ttl)?;
     let certs = CertificateManager::new(provider, RotationConfig::default());
     let state = state::ProxyState::new();
     let metrics = metrics::Metrics::new();
@@ -202,7 +150,7 @@ pub async fn start(cfg: Config, drain: drain::Watch) -> Result<App, AppError> {
                 .subscribe(AUTHORIZATION_TYPE_URL, Subscription::wildcard());
             client_cfg.token_file = Some(cp.token_path.clone());
             let client = XdsClient::new(
-                control_plane_channel(cp)?,
+                mesh_core::controlplane::channel(cp)?,
                 client_cfg,
                 Arc::new(
                     xds::StateHandler::new(state.clone())
