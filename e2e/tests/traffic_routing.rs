@@ -283,6 +283,75 @@ spec:
     );
     assert!(within_binomial(v3, 200, 0.5), "HTTPRoute 50/50: {n:?}");
 
+    // An HTTPRoute attached to the waypoint itself, narrowed by hostname,
+    // with a response header filter: details answers with the header,
+    // reviews (same waypoint, other host) does not.
+    t.apply(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: details-via-waypoint
+spec:
+  parentRefs:
+  - group: gateway.networking.k8s.io
+    kind: Gateway
+    name: waypoint
+  hostnames:
+  - details.default.svc.cluster.local
+  rules:
+  - filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        add:
+        - name: x-route
+          value: waypoint-parent
+    backendRefs:
+    - name: details
+      port: 9080
+"#,
+    );
+    t.eventually(
+        "HTTPRoute attached to the waypoint",
+        WAIT,
+        || {
+            t.sh(
+                &curl,
+                "curl -s -D - -o /dev/null http://details:9080/details/0",
+            )
+        },
+        |h| h.to_ascii_lowercase().contains("x-route: waypoint-parent"),
+    );
+    let h = t.sh(
+        &curl,
+        "curl -s -D - -o /dev/null http://reviews:9080/reviews/0",
+    );
+    assert!(
+        !h.to_ascii_lowercase().contains("x-route"),
+        "only details: {h}"
+    );
+    t.kubectl(&[
+        "delete",
+        "httproute",
+        "details-via-waypoint",
+        "-n",
+        "default",
+    ]);
+    // Request and response sizes are recorded per request.
+    let m = t.waypoint_get(15020, "/metrics");
+    for name in ["istio_request_bytes_count", "istio_response_bytes_count"] {
+        assert!(
+            Task::metric_sum(
+                &m,
+                name,
+                &[
+                    "reporter=\"waypoint\"",
+                    "destination_service_name=\"reviews\""
+                ]
+            ) > 0.0,
+            "{name}"
+        );
+    }
+
     // A backendRef to a Service that does not exist: ResolvedRefs=False.
     t.apply(
         r#"apiVersion: gateway.networking.k8s.io/v1
